@@ -1,0 +1,5 @@
+import sys
+
+from seg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,3 @@
+from seg.model.unet import UNet, build_model, count_parameters
+
+__all__ = ["UNet", "build_model", "count_parameters"]
