@@ -54,6 +54,12 @@ class DataConfig:
     """'dataset' (channel mean/std from dataset.json, falling back to ImageNet when absent),
     'imagenet' (ImageNet mean/std), or 'none' (scale to [0, 1] only)."""
 
+    sampling: str = "resize"
+    """How an image becomes a network input: 'resize' (whole image resized to image_size, the
+    seed's way; prediction resizes the same way) or 'patch' (random image_size crops at native
+    resolution, padded when smaller; prediction slides image_size tiles at native resolution,
+    for microscopy and other images much larger than the network input)."""
+
     augment: bool = True
     """Flips, 90-degree rotations, affine, brightness/contrast and noise on training images."""
 
@@ -75,6 +81,7 @@ class DataConfig:
             )
         _choice("data", "in_channels", self.in_channels, (1, 3))
         _choice("data", "normalization", self.normalization, ("dataset", "imagenet", "none"))
+        _choice("data", "sampling", self.sampling, ("resize", "patch"))
         _positive("data", "num_workers", self.num_workers, allow_zero=True)
         _positive("data", "shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         if not 0.0 <= self.val_split < 1.0:
