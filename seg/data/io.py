@@ -34,7 +34,18 @@ SUPPORTED_DTYPES = (np.uint8, np.uint16)
 
 
 class ImageReadError(ValueError):
-    """An image or mask file that cannot be used; the message names the file and the problem."""
+    """An image or mask file that cannot be used; the message names the file and the problem.
+
+    ``kind`` is a short category for grouping (``seg prepare``'s summary): one of ``unreadable``,
+    ``empty``, ``truncated``, ``corrupt``, ``unsupported``, ``size mismatch``.
+    """
+
+    def __init__(self, message: str, kind: str = "unreadable"):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep ``kind`` when sent between processes
+        return (type(self), (str(self), self.kind))
 
 
 def _check_extension(name: str) -> None:
@@ -42,7 +53,8 @@ def _check_extension(name: str) -> None:
     if ext not in IMAGE_EXTENSIONS:
         raise ImageReadError(
             f"{name}: unsupported file extension {ext or '(none)'!r}; "
-            f"supported extensions are {', '.join(IMAGE_EXTENSIONS)}"
+            f"supported extensions are {', '.join(IMAGE_EXTENSIONS)}",
+            kind="unsupported",
         )
 
 
@@ -75,25 +87,29 @@ def decode_raw(data: bytes, name: str) -> np.ndarray:
     """
     _check_extension(name)
     if len(data) == 0:
-        raise ImageReadError(f"{name}: file is empty (0 bytes)")
+        raise ImageReadError(f"{name}: file is empty (0 bytes)", kind="empty")
     problem = _truncation_problem(data)
     if problem:
-        raise ImageReadError(f"{name}: {problem}")
+        raise ImageReadError(f"{name}: {problem}", kind="truncated")
     try:
         arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # some codecs raise instead of returning None
-        raise ImageReadError(f"{name}: could not be decoded ({str(exc).strip().splitlines()[-1]})") from exc
+        detail = str(exc).strip().splitlines()[-1]
+        raise ImageReadError(f"{name}: could not be decoded ({detail})", kind="corrupt") from exc
     if arr is None or arr.size == 0:
-        raise ImageReadError(f"{name}: could not be decoded (corrupt, truncated, or not an image file)")
+        raise ImageReadError(f"{name}: could not be decoded (corrupt, truncated, or not an image file)", kind="corrupt")
     if arr.dtype not in SUPPORTED_DTYPES:
         raise ImageReadError(
             f"{name}: unsupported pixel type {arr.dtype}; only 8-bit (uint8) and 16-bit (uint16) "
-            "images are accepted (convert the file, e.g. to a 16-bit PNG or TIFF)"
+            "images are accepted (convert the file, e.g. to a 16-bit PNG or TIFF)",
+            kind="unsupported",
         )
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (2, 3, 4)):
-        raise ImageReadError(f"{name}: unsupported image shape {arr.shape}; expected HxW, HxWx3 or HxWx4")
+        raise ImageReadError(
+            f"{name}: unsupported image shape {arr.shape}; expected HxW, HxWx3 or HxWx4", kind="unsupported"
+        )
     return arr
 
 
@@ -177,7 +193,8 @@ def check_same_size(image: np.ndarray, mask: np.ndarray, image_name: str, mask_n
     if image.shape[:2] != mask.shape[:2]:
         raise ImageReadError(
             f"{mask_name}: wrong size {mask.shape[1]}x{mask.shape[0]} (WxH) for image {image_name} "
-            f"of size {image.shape[1]}x{image.shape[0]}; masks are never resized, fix or remove the pair"
+            f"of size {image.shape[1]}x{image.shape[0]}; masks are never resized, fix or remove the pair",
+            kind="size mismatch",
         )
 
 
