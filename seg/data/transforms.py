@@ -1,0 +1,234 @@
+"""Image/mask transforms for training and evaluation (albumentations), and normalisation stats.
+
+Design choices:
+
+- One order for every image: scale to float32 [0, 1] by the dtype maximum (255 or 65535, so
+  8- and 16-bit images meet on one scale), adapt the channel count (``to_model_channels``),
+  then the albumentations pipeline, ending with ``Normalize(mean, std, max_pixel_value=1.0)``
+  with the [0, 1]-scale stats of ``channel_stats``. The same stats go into the checkpoint's
+  ``preprocess`` so prediction normalises exactly as training did.
+- Masks go through albumentations as ``uint8`` {0, 1}; every geometric step uses nearest
+  neighbour for masks (``mask_interpolation=cv2.INTER_NEAREST``) and fills borders with 0
+  (``fill_mask=0``), so a mask stays exactly binary and aligned with its image.
+- ``sampling="resize"`` (the seed's way): the whole image is resized to ``image_size`` square
+  (image bilinear, INTER_AREA when shrinking; mask nearest). ``sampling="patch"``: images are
+  kept at native resolution; training pads to at least ``image_size`` (zeros, mask 0) and takes
+  a random ``image_size`` crop; evaluation pads the FULL image to the next multiple of 16
+  (centred, zeros / mask 0) so the U-Net can run on it. Padded pixels count as true negatives
+  in evaluation metrics; in patch mode, image sizes differ between samples, so evaluation
+  batches hold one image unless all images share a size.
+- Augmentations are moderate and label-preserving for medical images (lesions, organs, cells
+  have no canonical orientation in dermoscopy/microscopy; ultrasound users may prefer
+  ``augment=False``): flips, 90-degree rotations, a small affine (scale 0.9-1.1, shift 6%,
+  rotation 15 degrees), brightness/contrast +-0.2 and faint Gaussian noise.
+- Randomness: albumentations 2 ``Compose`` owns its random state (global numpy/random seeds
+  have no effect). ``SegTransform.reseed(seed)`` resets it; ``augmentation_seed(seed, epoch,
+  rank, worker)`` gives the seed for one DataLoader worker of one rank in one epoch, so the
+  augmentation stream is a function of (seed, epoch, rank, worker) and never repeats across
+  workers (forked workers would otherwise share one state). ``seg.data.shards`` calls it at the
+  start of every worker iterator.
+
+Shape:
+    input image ``HxW`` or ``HxWx3`` ``uint8``/``uint16``, mask ``bool HxW`` or ``None``;
+    output image ``float32 (C, S, S)``, mask ``float32 (1, S, S)`` in {0, 1} or ``None``
+    (``S = image_size``; in patch-mode evaluation the padded native size).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from seg.data.io import to_float01
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATION_MODES = ("dataset", "imagenet", "none")
+SAMPLING_MODES = ("resize", "patch")
+PAD_MULTIPLE = 16  # the U-Net halves the size 4 times
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as cv2.COLOR_RGB2GRAY
+
+
+def _reduce_to_grey(mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
+    """One-channel stats of the pooled channels: mean of means; variance = mean of the channel
+    variances + variance of the channel means (law of total variance, equal pixel counts)."""
+    m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    pooled_var = float(np.mean(s ** 2) + np.var(m))
+    return [float(m.mean())], [float(np.sqrt(pooled_var))]
+
+
+def channel_stats(mode: str, dataset_info: dict | None, in_channels: int) -> tuple[list[float], list[float]]:
+    """Normalisation mean/std on the [0, 1] scale, one value per model input channel.
+
+    Args:
+        mode: 'dataset' (dataset.json ``channels``; ImageNet with a warning when absent),
+            'imagenet' or 'none' (mean 0, std 1: scaling to [0, 1] only).
+        dataset_info: parsed dataset.json (``{"channels": {"mean": [r, g, b], "std": [...]}}``).
+        in_channels: 1 or 3; 3-channel stats are pooled into one for grey models.
+    """
+    if mode not in NORMALIZATION_MODES:
+        raise ValueError(f"normalization={mode!r} is not valid; valid options are {', '.join(NORMALIZATION_MODES)}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels={in_channels} is not valid; use 1 (grey) or 3 (RGB)")
+    if mode == "none":
+        return [0.0] * in_channels, [1.0] * in_channels
+    mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if mode == "dataset":
+        channels = (dataset_info or {}).get("channels") or {}
+        if channels.get("mean") and channels.get("std"):
+            mean = [float(v) for v in channels["mean"]]
+            std = [float(v) for v in channels["std"]]
+            if len(mean) != len(std) or len(mean) not in (1, 3):
+                raise ValueError(f"dataset.json channels mean={mean} std={std}: need 1 or 3 values each")
+            if min(std) <= 0:
+                raise ValueError(f"dataset.json channels std={std} has a value <= 0 (constant images?); "
+                                 "use data.normalization=imagenet or none")
+        else:
+            warnings.warn("dataset.json has no channel mean/std (re-run `seg prepare` to compute them); "
+                          "normalising with the ImageNet statistics instead", stacklevel=2)
+    if in_channels == 1:
+        return _reduce_to_grey(mean, std) if len(mean) == 3 else (mean, std)
+    return (mean * 3, std * 3) if len(mean) == 1 else (mean, std)
+
+
+def to_model_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
+    """Adapt an ``HxW``/``HxWx1``/``HxWx3`` image to ``HxWxC`` with C = in_channels.
+
+    Grey is repeated to 3 channels; RGB becomes grey by BT.601 luminance for 1 channel.
+    Integer images stay in their dtype (luminance rounded); float images stay float32.
+    """
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"image of shape {image.shape} is not HxW, HxWx1 or HxWx3")
+    if image.shape[2] == in_channels:
+        return image
+    if in_channels == 3:
+        return np.repeat(image, 3, axis=2)
+    if in_channels == 1:
+        grey = image.astype(np.float32) @ LUMA
+        if np.issubdtype(image.dtype, np.integer):
+            grey = np.clip(np.rint(grey), 0, np.iinfo(image.dtype).max).astype(image.dtype)
+        return grey[..., None]
+    raise ValueError(f"in_channels={in_channels} is not valid; use 1 (grey) or 3 (RGB)")
+
+
+def augmentation_seed(seed: int, epoch: int = 0, rank: int = 0, worker: int = 0) -> int:
+    """A 32-bit seed that is a stable function of (seed, epoch, rank, worker)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(rank), int(worker)]).generate_state(1)[0])
+
+
+class SegTransform:
+    """Callable ``(image, mask) -> (image tensor, mask tensor | None)``; see the module docstring.
+
+    Attributes:
+        compose: the albumentations pipeline (float32 [0, 1] image, uint8 {0, 1} mask).
+        in_channels: channels of the output image tensor.
+    """
+
+    def __init__(self, compose: A.Compose, in_channels: int):
+        self.compose = compose
+        self.in_channels = in_channels
+
+    def reseed(self, seed: int) -> None:
+        """Reset the augmentation random state (see ``augmentation_seed``)."""
+        self.compose.set_random_seed(int(seed))
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if image.dtype not in (np.uint8, np.uint16):
+            raise TypeError(f"image dtype {image.dtype} is not supported; expected uint8 or uint16")
+        if mask is not None and mask.shape[:2] != image.shape[:2]:
+            raise ValueError(f"mask shape {mask.shape[:2]} differs from image shape {image.shape[:2]}")
+        data = {"image": to_model_channels(to_float01(image), self.in_channels)}
+        if mask is not None:
+            data["mask"] = (np.asarray(mask) > 0).astype(np.uint8)
+        out = self.compose(**data)
+        img = out["image"]
+        if img.ndim == 2:
+            img = img[..., None]
+        img_t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
+        if mask is None:
+            return img_t, None
+        return img_t, torch.from_numpy(np.ascontiguousarray(out["mask"][None], dtype=np.float32))
+
+
+def _check(image_size: int, mean, std, in_channels: int, sampling: str) -> None:
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling={sampling!r} is not valid; valid options are {', '.join(SAMPLING_MODES)}")
+    if image_size <= 0 or image_size % PAD_MULTIPLE:
+        raise ValueError(f"image_size={image_size} is not valid; it must be a positive multiple of {PAD_MULTIPLE}")
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean={list(mean)} / std={list(std)} need {in_channels} values (in_channels={in_channels}); "
+                         "get them from channel_stats(mode, dataset_info, in_channels)")
+
+
+def _resize(image_size: int) -> A.Resize:
+    return A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST, area_for_downscale="image")
+
+
+def _normalize(mean, std) -> A.Normalize:
+    return A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0)
+
+
+def augmentations() -> list[A.BasicTransform]:
+    """The training augmentations (after sizing, before normalisation)."""
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=0.5),
+        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625), rotate=(-15, 15),
+                 interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        A.GaussNoise(std_range=(0.01, 0.04), p=0.2),  # std as a fraction of the max (1.0 here)
+    ]
+
+
+def build_train_transform(image_size: int, mean, std, in_channels: int = 3, sampling: str = "resize",
+                          augment: bool = True, seed: int | None = None) -> SegTransform:
+    """Training transform: sizing (resize, or pad + random crop), augmentations, normalisation.
+
+    Args:
+        image_size: output side S (multiple of 16).
+        mean, std: per-channel stats on the [0, 1] scale (``channel_stats``), in_channels values.
+        in_channels: 1 or 3 output channels.
+        sampling: 'resize' or 'patch'.
+        augment: apply ``augmentations()``; off gives the deterministic sizing + normalisation.
+        seed: initial augmentation seed (``reseed`` changes it per epoch/rank/worker).
+    Shape:
+        ``(image HxW[x3], mask HxW | None) -> (float32 (C, S, S), float32 (1, S, S) | None)``
+    """
+    _check(image_size, mean, std, in_channels, sampling)
+    if sampling == "resize":
+        sizing = [_resize(image_size)]
+    else:
+        sizing = [A.PadIfNeeded(min_height=image_size, min_width=image_size, position="center",
+                                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+                  A.RandomCrop(image_size, image_size)]
+    steps = sizing + (augmentations() if augment else []) + [_normalize(mean, std)]
+    return SegTransform(A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST, seed=seed), in_channels)
+
+
+def build_eval_transform(image_size: int, mean, std, in_channels: int = 3, sampling: str = "resize") -> SegTransform:
+    """Evaluation/prediction transform: deterministic sizing and normalisation.
+
+    'resize' resizes to ``image_size`` square exactly as training does; 'patch' keeps the
+    native resolution and pads the full image (centred) to a multiple of 16.
+
+    Shape:
+        ``(image HxW[x3], mask | None) -> (float32 (C, S, S) or (C, H16, W16), mask alike)``
+    """
+    _check(image_size, mean, std, in_channels, sampling)
+    if sampling == "resize":
+        sizing = [_resize(image_size)]
+    else:
+        sizing = [A.PadIfNeeded(min_height=None, min_width=None, pad_height_divisor=PAD_MULTIPLE,
+                                pad_width_divisor=PAD_MULTIPLE, position="center",
+                                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)]
+    return SegTransform(A.Compose(sizing + [_normalize(mean, std)], mask_interpolation=cv2.INTER_NEAREST, seed=0),
+                        in_channels)
