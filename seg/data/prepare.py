@@ -1,0 +1,308 @@
+"""`seg prepare`: pair, validate in worker processes, write WebDataset shards and dataset.json.
+
+Design choices:
+
+- Pairs are sorted by key, then validated in chunks by a process pool; results come back in
+  submission order through a bounded window of futures, so shards are written in key order
+  (deterministic output) while memory holds only a few chunks of encoded bytes.
+- A worker reads each file once and returns the original encoded image bytes (stored unchanged
+  as ``KEY.image.<ext>``), the binarised mask as an 8-bit 0/255 PNG, the sample's JSON and its
+  statistics (per-channel sum and sum of squares on the [0, 1] scale in float64, so channel
+  mean/std are exact over all pixels; a grey image counts in all three channels).
+- Bad pairs never stop the run: each is skipped with a reason (grouped in the summary and listed
+  in ``dataset.json``). ``strict=True`` turns any bad pair into an error; shards written by that
+  run are removed and no ``dataset.json`` is written.
+- Crash safety: each shard is written under a ``seg.fileio`` temporary name and renamed only when
+  closed and fsynced; ``dataset.json`` is written last, atomically. A killed run leaves complete
+  shards and temporaries, never a partial final-named shard; ``--overwrite`` clears both.
+- Tar members use a fixed mtime and PAX headers (long keys), so a re-run writes identical shards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import json
+import os
+import re
+from collections import Counter, deque
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from seg.data.io import ImageReadError, check_same_size, decode_image, decode_mask_info, encode_mask_png
+from seg.data.io import read_bytes, to_float01
+from seg.data.pairing import DEFAULT_MASK_SUFFIXES, Pair, Problem, find_pairs, read_pairs_csv, split_of
+from seg.fileio import atomic_write_json, is_temporary, temporary_name
+
+FORMAT_VERSION = 1
+_OWNED = re.compile(r"^(train|val|data)-\d{6}\.tar$")
+_EXT = {".jpeg": "jpg", ".tiff": "tif"}
+
+
+class PrepareError(ValueError):
+    """A `seg prepare` run that cannot proceed; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- validation (workers)
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    with contextlib.suppress(Exception):
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+def _validate(pair: Pair, val_split: float, labelled: bool) -> dict | Problem:
+    side = "image"
+    try:
+        image_bytes = read_bytes(pair.image)
+        image = decode_image(image_bytes, str(pair.image))
+        meta = {"key": pair.key, "image": pair.image_rel, "mask": pair.mask_rel,
+                "height": int(image.shape[0]), "width": int(image.shape[1]),
+                "channels": 1 if image.ndim == 2 else int(image.shape[2]), "dtype": str(image.dtype),
+                "foreground_fraction": None}
+        out = {"key": pair.key, "split": split_of(pair.key, val_split) if labelled else "data",
+               "image_ext": _EXT.get(pair.image.suffix.lower(), pair.image.suffix.lower()[1:]),
+               "image_bytes": image_bytes, "mask_png": None, "multi_value": False, "meta": meta}
+        if labelled:
+            side = "mask"
+            mask, n_values = decode_mask_info(read_bytes(pair.mask), str(pair.mask))
+            check_same_size(image, mask, str(pair.image), str(pair.mask))
+            meta["foreground_fraction"] = float(mask.mean())
+            out["mask_png"] = encode_mask_png(mask)
+            out["multi_value"] = n_values > 2
+    except ImageReadError as exc:
+        reason = exc.kind if exc.kind == "size mismatch" else f"{exc.kind} {side}"
+        return Problem(pair.image_rel, pair.mask_rel, reason, str(exc))
+    x = to_float01(image).astype(np.float64).reshape(image.shape[0] * image.shape[1], -1)
+    s, ss = x.sum(axis=0), np.square(x).sum(axis=0)
+    out["sum"] = np.broadcast_to(s, (3,)).copy() if s.size == 1 else s[:3]
+    out["sumsq"] = np.broadcast_to(ss, (3,)).copy() if ss.size == 1 else ss[:3]
+    out["pixels"] = x.shape[0]
+    return out
+
+
+def _validate_chunk(chunk: list[Pair], val_split: float, labelled: bool) -> list:
+    return [_validate(p, val_split, labelled) for p in chunk]
+
+
+def _results(pairs, val_split, labelled, workers, chunk=16):
+    """Yield validation results in the order of ``pairs`` (bounded window of chunks in flight)."""
+    chunks = [pairs[i:i + chunk] for i in range(0, len(pairs), chunk)]
+    if workers <= 1:
+        _init_worker()
+        for c in chunks:
+            yield from _validate_chunk(c, val_split, labelled)
+        return
+    with cf.ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+        window: deque = deque()
+        todo = iter(chunks)
+        try:
+            for c in todo:
+                window.append(pool.submit(_validate_chunk, c, val_split, labelled))
+                if len(window) >= 2 * workers:
+                    yield from window.popleft().result()
+            while window:
+                yield from window.popleft().result()
+        finally:
+            for f in window:
+                f.cancel()
+
+
+# ----------------------------------------------------------------------------- shard writing
+class ShardSeries:
+    """``PREFIX-000000.tar, PREFIX-000001.tar, ...`` bounded by sample count and bytes.
+
+    Each shard is written to a temporary name and renamed when closed. ``abort()`` removes the
+    open temporary (the caller removes finished shards if it must).
+    """
+
+    def __init__(self, out: Path, prefix: str, max_count: int, max_bytes: float):
+        self.out, self.prefix, self.max_count, self.max_bytes = out, prefix, max_count, max_bytes
+        self.shards: list[dict] = []
+        self.count = 0
+        self._writer = self._tmp = self._stream = None
+        self._n = 0
+
+    def write(self, sample: dict) -> None:
+        size = sum(len(v) for k, v in sample.items() if not k.startswith("__")) + 512 * (len(sample) + 1)
+        if self._writer is not None and (self._n >= self.max_count or self._stream.tell() + size > self.max_bytes):
+            self._close()
+        if self._writer is None:
+            self._open()
+        self._writer.write(sample)
+        self._n += 1
+        self.count += 1
+
+    def _open(self) -> None:
+        self._name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tmp = temporary_name(self.out / self._name)
+        self._stream = open(self._tmp, "wb")
+        self._writer = wds.TarWriter(self._stream, mtime=0.0, format="PAX_FORMAT")
+        self._n = 0
+
+    def _close(self) -> None:
+        self._writer.close()
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
+        self._stream.close()
+        os.replace(self._tmp, self.out / self._name)
+        self.shards.append({"name": self._name, "count": self._n, "bytes": (self.out / self._name).stat().st_size})
+        self._writer = self._tmp = self._stream = None
+
+    def close(self) -> dict:
+        if self._writer is not None:
+            self._close()
+        return {"count": self.count, "shards": self.shards}
+
+    def abort(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._stream.close()
+            with contextlib.suppress(FileNotFoundError):
+                self._tmp.unlink()
+        self._writer = self._tmp = self._stream = None
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out}: exists and is not a folder; pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [p for p in out.iterdir()]
+    if not entries:
+        return
+    if not overwrite:
+        raise PrepareError(f"{out}: output folder is not empty; pass --overwrite to replace the shards and "
+                           "dataset.json there, or pick another --out folder")
+    for p in entries:
+        if p.is_file() and (_OWNED.match(p.name) or p.name == "dataset.json" or is_temporary(p)):
+            p.unlink()
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return {"min": None, "max": None, "mean": None}
+    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean())}
+
+
+def summary_text(info: dict, seconds: float) -> str:
+    """The human summary printed at the end of `seg prepare`."""
+    written = sum(s["count"] for s in info["splits"].values())
+    shards = sum(len(s["shards"]) for s in info["splits"].values())
+    parts = ", ".join(f"{k} {v['count']}" for k, v in info["splits"].items())
+    lines = [f"wrote {written} pairs ({parts}) in {shards} shards; skipped {len(info['skipped'])}"]
+    for reason, n in Counter(s["reason"] for s in info["skipped"]).most_common():
+        lines.append(f"  skipped {n}: {reason}")
+    if info["mask_multi_value_count"]:
+        lines.append(f"  {info['mask_multi_value_count']} masks had more than two values (read as > 0)")
+    lines.append(f"{written / max(seconds, 1e-9):.1f} pairs/s ({seconds:.2f} s)")
+    return "\n".join(lines)
+
+
+def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, val_split: float = 0.2,
+                    shard_size: int = 1000, shard_bytes: float = 1e9, suffixes=DEFAULT_MASK_SUFFIXES,
+                    workers: int | None = None, strict: bool = False, overwrite: bool = False,
+                    progress: bool = True) -> dict:
+    """Validate image/mask pairs and write WebDataset shards plus ``dataset.json`` to ``out``.
+
+    Args:
+        images: images folder (recursive). With ``masks=None`` and no ``pairs_csv``: unlabelled
+            cohort, written as ``data-NNNNNN.tar`` shards without masks.
+        masks: masks folder mirroring ``images``.
+        out: output folder; must be empty unless ``overwrite``.
+        pairs_csv: CSV with columns ``image,mask`` (instead of ``images``/``masks``).
+        val_split: fraction of keys (by hash) sent to ``val``.
+        shard_size, shard_bytes: a shard closes before exceeding either bound.
+        suffixes: mask stem suffixes for folder pairing.
+        workers: validation processes (default ``min(8, cpu count)``; 0 or 1 = in this process).
+        strict: any bad pair is an error (``PrepareError`` listing them).
+        overwrite: replace shards/dataset.json/temporaries already in ``out``.
+        progress: show a tqdm bar.
+
+    Returns:
+        the ``dataset.json`` content.
+    """
+    if not 0.0 <= val_split < 1.0:
+        raise PrepareError(f"--val_split={val_split} is not valid; it must be in [0, 1)")
+    if shard_size < 1 or shard_bytes < 1:
+        raise PrepareError(f"--shard_size={shard_size} and --shard_bytes={shard_bytes} must be at least 1")
+    if pairs_csv is not None:
+        pairs, problems = read_pairs_csv(pairs_csv, labelled=True)
+        labelled = True
+    elif images is not None:
+        pairs, problems = find_pairs(images, masks, tuple(suffixes))
+        labelled = masks is not None
+    else:
+        raise PrepareError("nothing to prepare: pass --images (and --masks), or --pairs FILE.csv")
+    if strict and problems:
+        raise PrepareError(_strict_message(problems))
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    names = ("train", "val") if labelled else ("data",)
+    series = {n: ShardSeries(out, n, shard_size, shard_bytes) for n in names}
+    sizes, fg, multi = ([], []), [], 0
+    s, ss, npix = {n: np.zeros(3) for n in names}, {n: np.zeros(3) for n in names}, dict.fromkeys(names, 0)
+    try:
+        bar = tqdm(total=len(pairs), unit="pair", desc="prepare", disable=not progress)
+        with bar:
+            for r in _results(pairs, val_split, labelled, workers):
+                bar.update(1)
+                if isinstance(r, Problem):
+                    problems.append(r)
+                    continue
+                sample = {"__key__": r["key"], f"image.{r['image_ext']}": r["image_bytes"],
+                          "json": json.dumps(r["meta"]).encode("utf-8")}
+                if labelled:
+                    sample["mask.png"] = r["mask_png"]
+                    fg.append(r["meta"]["foreground_fraction"])
+                    multi += r["multi_value"]
+                series[r["split"]].write(sample)
+                sizes[0].append(r["meta"]["height"])
+                sizes[1].append(r["meta"]["width"])
+                s[r["split"]] += r["sum"]
+                ss[r["split"]] += r["sumsq"]
+                npix[r["split"]] += r["pixels"]
+        splits = {n: series[n].close() for n in names}
+        if strict and problems:
+            raise PrepareError(_strict_message(problems))
+    except BaseException:
+        for ser in series.values():
+            ser.abort()
+            if strict:
+                for shard in ser.shards:
+                    with contextlib.suppress(FileNotFoundError):
+                        (out / shard["name"]).unlink()
+        raise
+    stat_split = "data" if not labelled else ("train" if npix["train"] else "val")
+    n = max(npix[stat_split], 1)
+    mean = s[stat_split] / n
+    std = np.sqrt(np.maximum(ss[stat_split] / n - mean**2, 0.0))
+    info = {"format_version": FORMAT_VERSION, "labelled": labelled,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": {"images": str(Path(images).resolve()) if images is not None and pairs_csv is None else None,
+                       "masks": str(Path(masks).resolve()) if masks is not None and pairs_csv is None else None,
+                       "pairs": str(Path(pairs_csv).resolve()) if pairs_csv is not None else None},
+            "splits": splits,
+            "image_size": {"height": _stats(sizes[0]), "width": _stats(sizes[1])},
+            "channels": {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "scale": "dtype max",
+                         "computed_on": stat_split},
+            "foreground_fraction": {k: v for k, v in _stats(fg).items()} if labelled else None,
+            "mask_multi_value_count": int(multi), "val_split": val_split, "shard_size": shard_size,
+            "shard_bytes": int(shard_bytes),
+            "skipped": [p.as_dict() for p in problems]}
+    atomic_write_json(out / "dataset.json", info)
+    return info
+
+
+def _strict_message(problems: list[Problem]) -> str:
+    lines = [f"--strict: {len(problems)} bad pairs (fix them, or run without --strict to skip them):"]
+    lines += [f"  [{p.reason}] {p.detail}" for p in problems[:50]]
+    if len(problems) > 50:
+        lines.append(f"  ... and {len(problems) - 50} more")
+    return "\n".join(lines)
