@@ -107,11 +107,11 @@ def _stem_index(rel_paths: list[Path]) -> dict[tuple[str, str], list[Path]]:
     return index
 
 
-def _mask_candidates(image_rel: Path, index, suffixes) -> list[Path]:
+def _mask_candidates(image_rel: Path, index, suffixes, same_folder: bool) -> list[Path]:
     parent = image_rel.parent.as_posix()
     out = []
     for suffix in suffixes:
-        out += [m for m in index.get((parent, image_rel.stem + suffix), []) if m != image_rel]
+        out += [m for m in index.get((parent, image_rel.stem + suffix), []) if not (same_folder and m == image_rel)]
     return sorted(set(out), key=lambda p: p.as_posix())
 
 
@@ -158,11 +158,12 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path | None = None,
     masks_dir = Path(masks_dir).resolve()
     mask_rels = list_images(masks_dir)
     index = _stem_index(mask_rels)
-    if masks_dir == images_dir:  # masks next to images: a mask candidate is not an image
-        taken = {m for rel in image_rels for m in _mask_candidates(rel, index, [s for s in suffixes if s])}
+    same = masks_dir == images_dir
+    if same:  # masks next to images: a mask candidate is not an image
+        taken = {m for rel in image_rels for m in _mask_candidates(rel, index, [s for s in suffixes if s], True)}
         image_rels = [rel for rel in image_rels if rel not in taken]
     for rel in image_rels:
-        candidates = _mask_candidates(rel, index, suffixes)
+        candidates = _mask_candidates(rel, index, suffixes, same)
         if not candidates:
             tried = ", ".join(f"{rel.parent.as_posix()}/{rel.stem}{s}.*".lstrip("./") for s in suffixes)
             problems.append(Problem(rel.as_posix(), None, "missing mask",
