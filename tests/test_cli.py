@@ -1,0 +1,63 @@
+"""The `seg` command and `python -m seg.<module>` entry points.
+
+Subcommand modules are written by different people at different times; the per-module tests
+are parametrised over the modules of ``seg.cli.SUBCOMMANDS`` that exist
+(``importlib.util.find_spec``), and ``test_core_subcommands_exist`` pins the ones that must.
+"""
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from seg import __version__
+from seg.cli import SUBCOMMANDS, main, usage
+
+EXISTING = [name for name, (module, _) in SUBCOMMANDS.items() if importlib.util.find_spec(module) is not None]
+
+
+def test_core_subcommands_exist():
+    assert {"prepare", "demo-data"} <= set(EXISTING)
+
+
+def test_help_lists_every_subcommand(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == usage()
+    for name, (_, text) in SUBCOMMANDS.items():
+        assert f"  {name}" in out and text in out
+
+
+def test_unknown_command_lists_valid_ones(capsys):
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'trian'" in err and ", ".join(SUBCOMMANDS) in err
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"seg {__version__}"
+
+
+@pytest.mark.parametrize("name", EXISTING)
+def test_subcommand_help_in_process(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_console_script_help():
+    proc = subprocess.run([sys.executable, "-m", "seg", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert all(name in proc.stdout for name in SUBCOMMANDS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXISTING)
+def test_python_dash_m_module_help(name):
+    module = SUBCOMMANDS[name][0]
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
