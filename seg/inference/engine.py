@@ -1,0 +1,250 @@
+"""The in-memory prediction engine: a model checkpoint in, probability maps out.
+
+``Predictor`` is usable without the CLI (``seg evaluate`` calls it)::
+
+    p = Predictor("runs/x/best_model.pth", device="auto", precision="auto", batch_size=8)
+    probs = p.predict_probabilities([image1, image2])   # float32 HxW in [0, 1], original sizes
+    masks = [prob > p.threshold for prob in probs]
+
+Design choices:
+
+- Preprocessing comes from the checkpoint (``ckpt["preprocess"]``), never guessed: channel
+  conversion (grey repeated to 3 channels, RGB to grey for 1-channel models), the training
+  size, and mean/std on images scaled to [0, 1] by their dtype maximum (255 or 65535).
+- Two modes, chosen by the checkpoint's ``sampling`` and ``tile_size``:
+  ``resize`` (the training default): each image is resized to ``image_size`` exactly as
+  training did (bilinear, on the raw pixels), predicted, and the *probabilities* resized back
+  to the original size bilinearly; thresholding happens after, on the full-size map (DESIGN.md:
+  thresholding first then nearest-neighbour resizing loses boundary accuracy).
+  ``tile`` (``sampling='patch'`` or an explicit ``tile_size``): images are predicted at native
+  resolution by overlapping Gaussian-weighted tiles (``seg.inference.tiling``); memory is
+  bounded by tile x batch, not image size.
+- The work is split in three steps so the cohort pipeline can run them in different places:
+  ``prepare`` (CPU, numpy, runs in DataLoader worker processes), ``forward`` (the model, in the
+  main process) and ``restore`` (resize back; runs in writer threads, OpenCV releases the GIL).
+- Forward: ``torch.inference_mode``, ``channels_last`` and autocast. ``precision='auto'``
+  picks bf16 where the device supports it (CUDA with bf16, or a CPU whose oneDNN has bf16
+  kernels), fp16 on older CUDA GPUs, fp32 otherwise. Outputs are always float32 probabilities.
+- ``tta=True`` averages the probabilities of the image and its horizontal, vertical and double
+  flips (4 forwards per image).
+- torch is imported here, not by the CLI entry, so ``seg predict --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from seg.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
+from seg.inference.tiling import predict_tiled
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def model_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
+    """Convert an image to the model's channel count (grey repeated to RGB, RGB to grey).
+
+    Shape:
+        image ``(H, W)`` or ``(H, W, 3)`` -> ``(H, W)`` if ``in_channels == 1`` else ``(H, W, 3)``.
+    """
+    if in_channels == 1:
+        return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    return image
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' is this rank's CUDA device when CUDA is available (LOCAL_RANK), else the CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        from seg.dist import read_dist_env
+
+        return torch.device("cuda", read_dist_env().local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not valid; allowed values are {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if precision == "bf16":
+            raise ValueError(f"precision='bf16' is not supported on {torch.cuda.get_device_name(device)}; use auto or fp32")
+        return torch.float16
+    if device.type == "cpu":
+        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if supported or precision == "bf16":
+            return torch.bfloat16
+        return None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """SHA-256 of a state dict's names and tensor bytes (for checkpoints given as dicts)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Predictor:
+    """A model ready to predict probabilities, with its checkpoint's preprocessing.
+
+    Args:
+        checkpoint: a model checkpoint path (``*_model.pth``) or an already loaded checkpoint dict.
+        device: 'auto' (this rank's GPU, else CPU), 'cpu', 'cuda', 'cuda:1', ...
+        precision: 'auto', 'bf16' or 'fp32' (autocast dtype; outputs are float32 either way).
+        batch_size: images (or tiles) per forward.
+        tta: average horizontal/vertical flips.
+        tile_size: predict at native resolution with tiles of this side; None uses tiles of the
+            training size only for ``sampling='patch'`` checkpoints, else resizes whole images.
+        tile_overlap: fraction of a tile shared with its neighbour (default 0.25).
+        threshold: overrides the checkpoint's threshold.
+
+    Attributes:
+        threshold, sha256 (of the checkpoint file, or of the weights for a dict), preprocess,
+        mode ('resize' | 'tile'), tile_size, device, autocast_dtype.
+    """
+
+    def __init__(self, checkpoint: str | Path | dict, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 8, tta: bool = False, tile_size: int | None = None,
+                 tile_overlap: float = 0.25, threshold: float | None = None):
+        if isinstance(checkpoint, dict):
+            ckpt, self.sha256 = checkpoint, weights_sha256(checkpoint["state_dict"])
+            self.path = None
+        else:
+            ckpt, self.sha256, self.path = load_checkpoint(checkpoint), file_sha256(checkpoint), Path(checkpoint)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} is not valid; it must be >= 1")
+        if tile_size is not None and tile_size < 16:
+            raise ValueError(f"tile_size={tile_size} is not valid; it must be >= 16 (e.g. the training size)")
+        self.checkpoint = ckpt
+        self.preprocess = dict(ckpt["preprocess"])
+        self.image_size = int(self.preprocess["image_size"])
+        self.in_channels = int(self.preprocess.get("in_channels", ckpt["model"]["in_channels"]))
+        sampling = self.preprocess.get("sampling", "resize")
+        self.mode = "tile" if tile_size is not None or sampling == "patch" else "resize"
+        self.tile_size = int(tile_size or self.image_size)
+        self.tile_overlap = float(tile_overlap)
+        self.threshold = float(ckpt.get("threshold", 0.5) if threshold is None else threshold)
+        self.batch_size, self.tta = int(batch_size), bool(tta)
+        self.mean = np.asarray(self.preprocess["mean"], np.float32).reshape(-1)
+        self.std = np.asarray(self.preprocess["std"], np.float32).reshape(-1)
+        if self.mean.size != self.in_channels or self.std.size != self.in_channels:
+            raise ValueError(f"checkpoint preprocess mean/std have {self.mean.size}/{self.std.size} values "
+                             f"for in_channels={self.in_channels}; the checkpoint is inconsistent")
+        self.device = resolve_device(device)
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        model = model_from_checkpoint(ckpt).to(self.device)
+        self.model = model.to(memory_format=torch.channels_last).eval()
+
+    # ---- CPU side (DataLoader workers) -------------------------------------------------------
+    def normalise(self, raw: np.ndarray) -> np.ndarray:
+        """Scale raw pixels to [0, 1] by the dtype maximum and apply mean/std.
+
+        Shape:
+            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 -> ``(N, C, H, W)`` float32.
+        """
+        scale = np.float32(np.iinfo(raw.dtype).max) if raw.dtype.kind in "ui" else np.float32(1)
+        x = raw.astype(np.float32)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+        x /= scale
+        x -= self.mean[None, :, None, None]
+        x /= self.std[None, :, None, None]
+        return np.ascontiguousarray(x)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """The CPU part of prediction for one decoded image.
+
+        Shape:
+            ``(H, W)`` or ``(H, W, 3)`` -> resize mode: ``(C, S, S)`` float32 normalised network
+            input (S = image_size); tile mode: the image in the model's channel layout, raw dtype.
+        """
+        image = model_channels(image, self.in_channels)
+        if self.mode == "tile":
+            return image
+        s = self.image_size
+        if image.shape[:2] != (s, s):
+            image = cv2.resize(image, (s, s), interpolation=cv2.INTER_LINEAR)
+        return self.normalise(image[None])[0]
+
+    @staticmethod
+    def restore(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Resize a probability map back to ``size = (H, W)`` bilinearly. Shape: ``(h, w) -> (H, W)``."""
+        h, w = size
+        if prob.shape == (h, w):
+            return prob
+        return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+
+    # ---- model side -------------------------------------------------------------------------
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.model(x)
+        return logits.float().sigmoid()[:, 0]
+
+    def forward(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Probabilities for a batch of network inputs (split into ``batch_size`` chunks).
+
+        Shape:
+            ``(N, C, H, W)`` float32 -> ``(N, H, W)`` float32 in [0, 1].
+        """
+        x_all = torch.as_tensor(batch)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, x_all.shape[0], self.batch_size):
+                x = x_all[i:i + self.batch_size].to(self.device, non_blocking=True)
+                x = x.contiguous(memory_format=torch.channels_last)
+                if self.tta:
+                    prob = self._probabilities(x)
+                    prob += self._probabilities(x.flip(-1)).flip(-1)
+                    prob += self._probabilities(x.flip(-2)).flip(-2)
+                    prob += self._probabilities(x.flip(-2, -1)).flip(-2, -1)
+                    prob /= 4
+                else:
+                    prob = self._probabilities(x)
+                out.append(prob.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0,) + tuple(x_all.shape[-2:]), np.float32)
+
+    def predict_tiled(self, prepared: np.ndarray) -> np.ndarray:
+        """Tile-mode probabilities of one prepared image. Shape: ``(H, W[, C]) -> (H, W)``."""
+        return predict_tiled(prepared, self.normalise, self.forward, self.tile_size,
+                             self.tile_overlap, self.batch_size)
+
+    def predict_probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Probability maps of decoded images at their original sizes.
+
+        Args:
+            images: arrays as ``seg.data.io.read_image`` returns them (``HxW`` or ``HxWx3``,
+                uint8 or uint16); sizes may differ.
+
+        Shape:
+            returns one ``(H, W)`` float32 array in [0, 1] per image, in order.
+        """
+        if self.mode == "tile":
+            return [self.predict_tiled(self.prepare(image)) for image in images]
+        results = []
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i:i + self.batch_size]
+            probs = self.forward(np.stack([self.prepare(image) for image in chunk]))
+            results += [self.restore(p, image.shape[:2]) for p, image in zip(probs, chunk)]
+        return results
+
+    def describe(self) -> str:
+        """One line for logs: mode, size, precision, device, checkpoint hash."""
+        prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        size = (f"tiles {self.tile_size}px overlap {self.tile_overlap}" if self.mode == "tile"
+                else f"resize to {self.image_size}px")
+        return (f"{size}, {prec} on {self.device}, batch {self.batch_size}, tta={self.tta}, "
+                f"threshold {self.threshold}, model sha256 {self.sha256[:12]}")
