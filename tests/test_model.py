@@ -1,0 +1,56 @@
+"""U-Net: the seed's parameter counts, any input size, forward + backward, 1 or 3 channels."""
+
+import pytest
+import torch
+
+from seg.model import UNet, build_model, count_parameters
+
+
+@pytest.mark.parametrize("bilinear, expected", [(False, 31_037_633), (True, 17_262_977)])
+def test_parameter_counts_match_the_seed(bilinear, expected):
+    assert count_parameters(build_model(3, 64, bilinear)) == expected  # built only, no forward at full size
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+@pytest.mark.parametrize("size", [(37, 50), (16, 16), (65, 33)])
+def test_output_has_the_input_size(bilinear, size):
+    model = UNet(3, base_channels=4, bilinear=bilinear).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 1, *size)
+
+
+def test_padding_does_not_shift_the_output():
+    """An odd-sized input gives the centre crop of the output for the padded input."""
+    torch.manual_seed(0)
+    model = UNet(1, base_channels=4).eval()
+    x = torch.randn(1, 1, 30, 30)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))  # 32 x 32, what forward pads to
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(padded)[..., 1:31, 1:31], atol=1e-5)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_forward_backward_tiny_model(in_channels):
+    torch.manual_seed(0)
+    model = UNet(in_channels, base_channels=4)
+    x = torch.randn(2, in_channels, 32, 32)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), torch.ones(2, 1, 32, 32))
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_wrong_input_channels_name_the_fix():
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 1, H, W\), got \(1, 3, 16, 16\)"):
+        UNet(1, base_channels=4)(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="in_channels=2"):
+        UNet(2)
+
+
+def test_config_rebuilds_the_model():
+    model = UNet(1, base_channels=4, bilinear=True)
+    clone = build_model(**model.config())
+    assert clone.config() == {"in_channels": 1, "base_channels": 4, "bilinear": True}
+    clone.load_state_dict(model.state_dict())
