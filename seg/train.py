@@ -1,0 +1,82 @@
+"""`seg train` (= ``python -m seg.train``): train the U-Net on shards written by `seg prepare`.
+
+The same command runs as a single process, under ``accelerate launch`` and under ``torchrun``::
+
+    # one process (CPU, or one GPU)
+    seg train --data_dir data/shards --checkpoint_dir runs/unet --epochs 50
+    # one node, 4 processes (GPUs, or CPU processes with --cpu)
+    accelerate launch --num_processes 4 -m seg.train --data_dir data/shards --checkpoint_dir runs/unet
+    torchrun --nproc_per_node 4 -m seg.train --data_dir data/shards --checkpoint_dir runs/unet
+    # two nodes (run on each node, NODE_RANK 0 and 1, HEAD = node 0's address)
+    torchrun --nnodes 2 --node_rank NODE_RANK --nproc_per_node 4 --rdzv_backend c10d \\
+        --rdzv_endpoint HEAD:29500 -m seg.train --data_dir data/shards --checkpoint_dir runs/unet
+
+The run folder (``--checkpoint_dir``) receives config.yaml, history.csv, best_model.pth,
+final_model.pth, checkpoint_epoch_N.pth, last/, training_history.png,
+sample_predictions.png and provenance.json. Re-running the same command resumes from
+``last/``; a finished run is not trained again; ``--no_resume`` starts over.
+
+Exit codes: 0 done; 75 (``seg.training.state.PREEMPTED_EXIT_CODE``, EX_TEMPFAIL) = SIGUSR1 or
+SIGTERM received (Slurm preemption or time limit): every rank saved ``last/`` at the next step
+boundary, rerun the same command to resume; 2 = invalid configuration or data.
+
+``--validate_only MODEL.pth`` scores a model checkpoint on the validation shards with the
+same exact distributed code and writes ``<checkpoint_dir>/validation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from seg.config import add_config_arguments, config_from_args, config_to_yaml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seg train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Exit code 75: preempted, state saved in last/; rerun to resume.")
+    add_config_arguments(parser)
+    parser.add_argument("--no_resume", action="store_true", help="ignore last/ and start over (train.resume=false)")
+    parser.add_argument("--log_with", choices=["none", "tensorboard"], help="train.log_with")
+    parser.add_argument("--deterministic", action="store_true", default=None, help="train.deterministic=true")
+    parser.add_argument("--validate_only", metavar="MODEL.pth",
+                        help="score this model checkpoint on the validation shards and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    extra = []
+    if args.no_resume:
+        extra.append("train.resume=false")
+    if args.log_with:
+        extra.append(f"train.log_with={args.log_with}")
+    if args.deterministic:
+        extra.append("train.deterministic=true")
+    args.overrides = extra + list(args.overrides)  # explicit dotted overrides still win
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"seg train: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    from seg.training.loop import run_training  # torch/accelerate imported here, not for --help
+
+    try:
+        if args.validate_only:
+            from seg.training.validate import run_validation
+
+            run_validation(cfg, args.validate_only)
+            return 0
+        return run_training(cfg, ["seg", "train", *argv])
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"seg train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Training and validation loaders over the shards written by `seg prepare`.
+
+Design choices:
+
+- Training streams through ``seg.data.shards.shard_pipeline``: the shard list is permuted per
+  (seed, epoch) identically on every rank, split by rank and by DataLoader worker, each
+  reader resamples its own shards forever and shuffles samples in a buffer. Order and
+  augmentation are therefore a function of (seed, epoch, rank, worker) only. The loop takes
+  exactly ``steps_per_epoch x grad_accum`` batches per rank, so every rank runs the same number
+  of steps and no rank waits for another at the end of an epoch.
+- ``steps_per_epoch`` (optimizer steps) = ceil(train set size / global batch), global batch =
+  batch_size x world size x grad_accum: an epoch sees at least the training set size.
+- Too few shards for ranks x workers is an error before the first step, with the fix.
+- Workers are not persistent: each epoch starts fresh workers, which pick up the epoch's seed.
+  A DataLoader with several workers yields batch i from worker i mod W (in order), so skipping
+  the first k batches of a regenerated epoch stream (resume mid-epoch) is exact.
+- Validation is exact: every sample goes to exactly one (rank, worker) reader. With at least
+  as many shards as readers the split is by shard; otherwise every reader walks all val shards
+  and keeps samples ``index mod readers == reader``, decoding only its own. Readers may get
+  unequal counts; nothing in validation is a collective until the final gather.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import islice
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from seg.config import Config
+from seg.data.shards import (check_enough_shards, decode_and_transform, load_dataset_info, shard_pipeline,
+                             shard_urls)
+from seg.data.transforms import augmentation_seed, build_eval_transform, build_train_transform, channel_stats
+
+
+class DataSpec:
+    """What the trainer needs to know about a prepared data set.
+
+    Attributes:
+        info: parsed dataset.json; train_urls/val_urls: shard paths; n_train/n_val: sample counts;
+        mean/std: normalisation per input channel; preprocess: the checkpoint's preprocess dict.
+    """
+
+    def __init__(self, cfg: Config):
+        d = cfg.data
+        self.data_dir = Path(d.data_dir)
+        self.info = load_dataset_info(self.data_dir)
+        if self.info.get("labelled") is False:
+            raise ValueError(f"{self.data_dir} holds unlabelled shards (data-*.tar); training needs masks: "
+                             "run `seg prepare --images IMAGES --masks MASKS --out DIR`")
+        self.train_urls = shard_urls(self.data_dir, "train", self.info)
+        splits = self.info["splits"]
+        if not splits.get("val", {}).get("shards"):
+            raise ValueError(f"{self.data_dir} has no validation shards; training selects the best model and "
+                             f"stops early on validation Dice: re-run `seg prepare ... --val_split 0.2`")
+        self.val_urls = shard_urls(self.data_dir, "val", self.info)
+        self.n_train = int(splits["train"]["count"])
+        self.n_val = int(splits["val"]["count"])
+        self.mean, self.std = channel_stats(d.normalization, self.info, d.in_channels)
+        self.preprocess = {"image_size": d.image_size, "in_channels": d.in_channels,
+                           "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
+                           "sampling": d.sampling}
+
+
+def steps_per_epoch(n_train: int, batch_size: int, world_size: int, grad_accum: int, cap: int = 0) -> int:
+    """Optimizer steps per epoch: ceil(n_train / global batch), at least 1, at most ``cap`` if > 0."""
+    steps = max(1, math.ceil(n_train / (batch_size * world_size * grad_accum)))
+    return min(steps, cap) if cap > 0 else steps
+
+
+def check_shards(spec: DataSpec, world_size: int, num_workers: int) -> None:
+    """Fail before training when some (rank, worker) reader would get no training shard."""
+    try:
+        check_enough_shards(len(spec.train_urls), world_size, num_workers, "training")
+    except ValueError as exc:
+        readers = world_size * max(1, num_workers)
+        per_shard = max(1, spec.n_train // readers)
+        raise ValueError(f"{exc}, e.g. `seg prepare --images ... --masks ... --out NEW_DIR --shard_size {per_shard}` "
+                         f"({spec.n_train} training samples in {len(spec.train_urls)} shard(s) under {spec.data_dir}), "
+                         f"or pass --num_workers {max(0, len(spec.train_urls) // world_size)}") from None
+
+
+def _seeded_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The DataLoader's base-seed generator: worker seeds depend on (seed, epoch, rank) only."""
+    return torch.Generator().manual_seed(augmentation_seed(seed, epoch, rank, 10_000))
+
+
+def train_loader(cfg: Config, spec: DataSpec, epoch: int, rank: int, world_size: int) -> DataLoader:
+    """The endless training stream of one rank for one epoch (take the steps you need).
+
+    Shape:
+        yields ``(images float32 (B, C, S, S), masks float32 (B, 1, S, S), keys list[str])``
+    """
+    d, t = cfg.data, cfg.train
+    transform = build_train_transform(d.image_size, spec.mean, spec.std, d.in_channels, d.sampling,
+                                      d.augment, seed=augmentation_seed(t.seed, epoch, rank))
+    dataset = shard_pipeline(spec.train_urls, transform, split_by_node=True, split_by_worker=True,
+                             shuffle_buffer=d.shuffle_buffer, shuffle_shards=True, seed=t.seed,
+                             resampled=True, epoch=epoch, rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_size=t.batch_size, num_workers=d.num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      generator=_seeded_generator(t.seed, epoch, rank),
+                      prefetch_factor=4 if d.num_workers > 0 else None)
+
+
+def _split_samples(reader: int, readers: int):
+    return lambda src: islice(src, reader, None, readers)
+
+
+class _ValReaders:
+    """Stage factory giving this (rank, worker) reader its exact share of the val samples."""
+
+    def __init__(self, urls: list[str], rank: int, world_size: int):
+        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+
+    def __call__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        if len(self.urls) >= readers:  # by shard: read only our shards
+            return iter([{"url": u} for u in self.urls[reader::readers]]), None
+        return iter([{"url": u} for u in self.urls]), _split_samples(reader, readers)
+
+
+class ValDataset(torch.utils.data.IterableDataset):
+    """Exactly-once validation samples of one rank (see the module docstring).
+
+    Shape:
+        yields ``(float32 (C, S, S), float32 (1, S, S), key)``
+    """
+
+    def __init__(self, urls: list[str], transform, rank: int, world_size: int):
+        super().__init__()
+        self.readers = _ValReaders(urls, rank, world_size)
+        self.transform, self.rank = transform, rank
+
+    def __iter__(self):
+        source, split = self.readers()
+        samples = wds.tarfile_to_samples()(source)
+        if split is not None:
+            samples = split(samples)
+        yield from decode_and_transform(self.transform, 0, 0, self.rank)(samples)
+
+
+def val_loader(cfg: Config, spec: DataSpec, rank: int, world_size: int, batch_size: int | None = None) -> DataLoader:
+    """This rank's share of the validation set (``patch`` sampling: one image per batch)."""
+    d = cfg.data
+    transform = build_eval_transform(d.image_size, spec.mean, spec.std, d.in_channels, d.sampling)
+    dataset = ValDataset(spec.val_urls, transform, rank, world_size)
+    if batch_size is None:
+        batch_size = cfg.train.batch_size if d.sampling == "resize" else 1
+    workers = min(d.num_workers, max(1, len(spec.val_urls)))
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)

@@ -1,0 +1,76 @@
+"""``history.csv``: one row per finished epoch, rewritten atomically after each epoch.
+
+Design choices:
+
+- Columns: ``epoch`` (1-based), ``train_loss``, ``val_loss``, every metric of
+  ``seg.metrics.METRIC_NAMES`` computed over the pooled validation pixels (``global``, the
+  value early stopping and ``best_model.pth`` use for ``dice``), ``mean_dice`` (per-image
+  average), ``lr``, ``seconds`` and ``images_per_s`` (training images per second of the epoch,
+  all ranks together).
+- The whole file is rewritten through ``seg.fileio`` after every epoch (a few hundred rows at
+  most): a crash never leaves a half-written row, and on resume the rows of epochs that will
+  run again are dropped, so every epoch is in the file exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from seg.fileio import atomic_write_text
+from seg.metrics import METRIC_NAMES
+
+HISTORY_FILE = "history.csv"
+COLUMNS = ("epoch", "train_loss", "val_loss", *METRIC_NAMES, "mean_dice", "lr", "seconds", "images_per_s")
+
+
+def read_history(run_dir: str | Path, before_epoch: int | None = None) -> list[dict]:
+    """Rows of ``history.csv`` as dicts of floats (``epoch`` as int), oldest first.
+
+    Args:
+        run_dir: the run folder.
+        before_epoch: keep only rows with ``epoch <= before_epoch`` (1-based count of finished epochs).
+    """
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(newline="") as fh:
+        for raw in csv.DictReader(fh):
+            row = {k: (int(v) if k == "epoch" else float(v)) for k, v in raw.items() if k in COLUMNS and v != ""}
+            if before_epoch is None or row["epoch"] <= before_epoch:
+                rows.append(row)
+    return rows
+
+
+def write_history(run_dir: str | Path, rows: list[dict]) -> None:
+    """Write every row (missing columns left empty) to ``history.csv`` atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(Path(run_dir) / HISTORY_FILE, buffer.getvalue())
+
+
+def epoch_row(epoch: int, train_loss: float, val_loss: float, report: dict, lr: float,
+              seconds: float, images: int) -> dict:
+    """One history row from a validation report (``MetricAccumulator.summary()``)."""
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        **{m: report["global"][m] for m in METRIC_NAMES},
+        "mean_dice": report["mean"]["dice"],
+        "lr": lr,
+        "seconds": seconds,
+        "images_per_s": images / seconds if seconds > 0 else 0.0,
+    }
+
+
+def summary_line(row: dict, epochs: int, best: bool) -> str:
+    """The one log line printed per epoch."""
+    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"dice {row['dice']:.4f}  iou {row['iou']:.4f}  lr {row['lr']:.3g}  "
+            f"{row['seconds']:.1f}s  {row['images_per_s']:.2f} img/s{'  (best)' if best else ''}")

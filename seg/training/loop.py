@@ -1,0 +1,258 @@
+"""The training loop: build, resume, epochs of steps, validation, checkpoints, preemption.
+
+Design choices:
+
+- ``train_step`` is the whole per-step work (forward under Accelerate's autocast, loss,
+  backward, clipping, optimizer step inside ``accelerator.accumulate``) and is shared with the
+  benchmark (``tools/bench/train_bench.py``). It makes no host sync: the loss stays a device
+  tensor; the progress bar reads it every ``LOG_EVERY`` steps only.
+- The preemption flag is agreed between ranks at every optimizer-step boundary (one tiny
+  all-reduce when distributed, a plain read in a single process). On agreement all ranks save
+  ``last/`` and return ``PREEMPTED_EXIT_CODE``.
+- Epoch end, in an order that keeps the run folder consistent after a crash at any point:
+  validation -> lr schedule -> best/periodic/final model checkpoints and plots -> history.csv
+  -> ``last/``. A resumed run drops history rows past ``last/``'s epoch, so each epoch appears
+  once.
+- Mid-epoch resume regenerates the epoch's data stream (a function of seed, epoch, rank,
+  worker) and skips the batches already done, so a deterministic run resumed at any step ends
+  with the same weights as an uninterrupted one.
+- Rank 0 writes every shared file; other ranks only join the collectives (gathers, barriers).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from seg.checkpoint import model_checkpoint, save_checkpoint
+from seg.config import Config, config_to_dict, config_to_yaml
+from seg.fileio import atomic_write_json, atomic_write_text
+from seg.losses import build_loss
+from seg.model import build_model
+from seg.training import data, history, plots, state
+from seg.training.accel import build_accelerator, describe, prepare_model, resolve_mixed_precision, to_device
+from seg.training.provenance import PROVENANCE_FILE, collect_provenance
+from seg.training.validate import validate
+
+LOG_EVERY = 10  # progress-bar loss refresh, in steps (each read is a host sync)
+PLOT_SAMPLES = 4
+
+
+def train_step(accelerator, model, optimizer, loss_fn, images, masks, grad_clip: float) -> torch.Tensor:
+    """One micro-batch: forward, loss, backward; optimizer step when the accumulation is complete.
+
+    Shape:
+        images ``(B, C, H, W)`` (on the device, NHWC when channels_last), masks ``(B, 1, H, W)``;
+        returns the detached scalar loss (no host sync).
+    """
+    with accelerator.accumulate(model):
+        logits = model(images)
+        loss = loss_fn(logits, masks)
+        accelerator.backward(loss)
+        if grad_clip > 0 and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def build_scheduler(cfg: Config, optimizer):
+    """None, ReduceLROnPlateau (val Dice, mode max), cosine or poly; stepped once per epoch."""
+    t = cfg.train
+    if t.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                          patience=t.scheduler_patience)
+    if t.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    if t.scheduler == "poly":
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=t.epochs, power=0.9)
+    return None
+
+
+def build_training(cfg: Config, accelerator):
+    """(model, optimizer, loss) prepared by Accelerate: the U-Net (NHWC if set), Adam, the loss."""
+    m, t = cfg.model, cfg.train
+    model = build_model(cfg.data.in_channels, m.base_channels, m.bilinear)
+    model = prepare_model(accelerator, model, t.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, build_loss(t.loss, t.bce_weight, t.dice_weight)
+
+
+def _log(accelerator, text: str) -> None:
+    if accelerator.is_main_process:
+        tqdm.write(text)
+
+
+def _check_resumable(run_dir: Path, cfg: Config) -> None:
+    """The stored model section must match: last/ weights cannot load into another network."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    stored = (yaml.safe_load(path.read_text()) or {})
+    keys = [("model", k) for k in ("base_channels", "bilinear")] + [("data", "in_channels")]
+    diff = [f"{s}.{k}: {stored.get(s, {}).get(k)!r} -> {getattr(getattr(cfg, s), k)!r}"
+            for s, k in keys if stored.get(s, {}).get(k) != getattr(getattr(cfg, s), k)]
+    if diff:
+        raise ValueError(f"{run_dir}/last/ was trained with another network ({'; '.join(diff)}); pass --no_resume "
+                         f"to start over in {run_dir}, or use another --checkpoint_dir")
+
+
+class _Epoch:
+    """Running sums of one epoch on this rank (loss stays on the device)."""
+
+    def __init__(self, device, progress: state.Progress, world_size: int):
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float32) + progress.loss_sum
+        self.count = progress.loss_count
+        self.start = time.perf_counter() - progress.seconds
+
+    def mean_loss_all_ranks(self, accelerator) -> float:
+        total = accelerator.reduce(self.loss_sum.clone(), reduction="mean") if accelerator.num_processes > 1 else self.loss_sum
+        return float(total) / max(1, self.count)
+
+    def saved(self, accelerator, progress: state.Progress, step: int) -> state.Progress:
+        total = accelerator.reduce(self.loss_sum.clone(), reduction="mean") if accelerator.num_processes > 1 else self.loss_sum
+        return replace(progress, step=step, loss_sum=float(total), loss_count=self.count,
+                       seconds=time.perf_counter() - self.start)
+
+
+def run_training(cfg: Config, argv: list[str] | None = None) -> int:
+    """Train as configured; returns 0, or ``state.PREEMPTED_EXIT_CODE`` after a preemption save."""
+    t = cfg.train
+    run_dir = Path(t.checkpoint_dir)
+    accelerator = build_accelerator(cfg, project_dir=str(run_dir))
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    spec = data.DataSpec(cfg)
+    data.check_shards(spec, world, cfg.data.num_workers)
+    steps = data.steps_per_epoch(spec.n_train, t.batch_size, world, t.grad_accum, t.max_steps_per_epoch)
+    micro = steps * t.grad_accum
+    model, optimizer, loss_fn = build_training(cfg, accelerator)
+    scheduler = build_scheduler(cfg, optimizer.optimizer)
+
+    progress = state.Progress()
+    last = state.find_last(run_dir) if t.resume else None
+    if last is not None:
+        _check_resumable(run_dir, cfg)
+        progress = state.load_last(last, accelerator, model, optimizer, scheduler)
+        if progress.finished and (progress.epoch >= t.epochs or progress.stopped_early):
+            _log(accelerator, f"{run_dir} has finished ({progress.epoch} epochs{', stopped early' if progress.stopped_early else ''}); "
+                              f"nothing to do. Pass --no_resume to train again from scratch, or raise --epochs.")
+            return 0
+        progress = replace(progress, finished=False, preempted=False)
+        _log(accelerator, f"resuming {last} at epoch {progress.epoch + 1}, step {progress.step}/{micro}")
+
+    precision = resolve_mixed_precision(t.mixed_precision)
+    provenance = collect_provenance(spec.data_dir, world, t.seed, precision, argv)
+    rows: list[dict] = []
+    if main:
+        state.clean_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+        atomic_write_json(run_dir / PROVENANCE_FILE, provenance)
+        rows = history.read_history(run_dir, before_epoch=progress.epoch) if last is not None else []
+        tqdm.write(f"seg train: {describe(accelerator)}\n{config_to_yaml(cfg)}"
+                   f"{spec.n_train} training / {spec.n_val} validation images, {steps} steps of "
+                   f"{t.batch_size}x{world}x{t.grad_accum} images per epoch")
+    if accelerator.log_with:
+        accelerator.init_trackers(run_dir.name, config={f"{s}.{k}": v for s, sec in config_to_dict(cfg).items()
+                                                        for k, v in sec.items()})
+    ckpt_args = dict(preprocess=spec.preprocess, threshold=t.threshold, config=config_to_dict(cfg),
+                     provenance=provenance)
+    flag = state.PreemptionFlag().install()
+    try:
+        for epoch in range(progress.epoch, t.epochs):
+            running = _Epoch(accelerator.device, progress, world)
+            model.train()
+            loader = iter(data.train_loader(cfg, spec, epoch, rank, world))
+            for _ in range(progress.step):  # resume mid-epoch: regenerate and skip what was done
+                next(loader)
+            bar = tqdm(total=micro, initial=progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
+                       unit="batch", disable=not main, leave=False, dynamic_ncols=True)
+            for i in range(progress.step, micro):
+                images, masks, _ = next(loader)
+                images = to_device(images, accelerator.device, t.channels_last)
+                masks = to_device(masks, accelerator.device, t.channels_last)
+                running.loss_sum += train_step(accelerator, model, optimizer, loss_fn, images, masks, t.grad_clip)
+                running.count += 1
+                bar.update(1)
+                if main and (i + 1) % LOG_EVERY == 0:
+                    elapsed = time.perf_counter() - running.start
+                    bar.set_postfix(loss=f"{float(running.loss_sum) / running.count:.4f}",
+                                    img_s=f"{running.count * t.batch_size * world / max(elapsed, 1e-9):.2f}")
+                if (i + 1) % t.grad_accum == 0 and i + 1 < micro and flag.agreed(accelerator):
+                    bar.close()
+                    saved = replace(running.saved(accelerator, progress, i + 1), epoch=epoch, preempted=True)
+                    state.save_last(run_dir, accelerator, model, optimizer, scheduler, saved)
+                    _log(accelerator, f"preempted (signal {flag.signum}) at epoch {epoch + 1} step {i + 1}/{micro}: "
+                                      f"state saved in {run_dir / state.LAST}; exiting with {state.PREEMPTED_EXIT_CODE}")
+                    return state.PREEMPTED_EXIT_CODE
+            bar.close()
+            del loader
+            train_seconds = time.perf_counter() - running.start
+            train_loss = running.mean_loss_all_ranks(accelerator)
+            progress = _end_epoch(cfg, accelerator, model, loss_fn, spec, scheduler, optimizer, epoch, progress,
+                                  train_loss, train_seconds, micro * t.batch_size * world, rows, running, ckpt_args)
+            if flag.agreed(accelerator) and not progress.finished:
+                _log(accelerator, f"preempted (signal {flag.signum}) after epoch {epoch + 1}: state saved; "
+                                  f"exiting with {state.PREEMPTED_EXIT_CODE}")
+                return state.PREEMPTED_EXIT_CODE
+            if progress.finished:
+                break
+    finally:
+        flag.restore()
+        if accelerator.log_with:
+            accelerator.end_training()
+    return 0
+
+
+def _end_epoch(cfg, accelerator, model, loss_fn, spec, scheduler, optimizer, epoch, progress, train_loss,
+               train_seconds, images, rows, running, ckpt_args) -> state.Progress:
+    """Validate, schedule, checkpoint, plot, log, then save ``last/`` (all ranks)."""
+    t = cfg.train
+    run_dir = Path(t.checkpoint_dir)
+    loader = data.val_loader(cfg, spec, accelerator.process_index, accelerator.num_processes)
+    report, val_loss, samples = validate(model, loader, loss_fn, accelerator, t.threshold, t.channels_last,
+                                         expected=spec.n_val, keep_samples=PLOT_SAMPLES)
+    dice = report["global"]["dice"]
+    lr = optimizer.param_groups[0]["lr"]
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(dice)
+    elif scheduler is not None:
+        scheduler.step()
+    improved = dice > progress.best_score
+    best_score = dice if improved else progress.best_score
+    bad = 0 if improved else progress.bad_epochs + 1
+    stopped_early = t.early_stopping > 0 and bad >= t.early_stopping
+    finished = stopped_early or epoch + 1 >= t.epochs
+    seconds = time.perf_counter() - running.start
+    row = history.epoch_row(epoch + 1, train_loss, val_loss, report, lr, seconds, images)
+    row["images_per_s"] = images / max(train_seconds, 1e-9)
+    if accelerator.is_main_process:
+        metrics = {**{m: report["global"][m] for m in report["global"]}, "val_loss": val_loss}
+        ckpt = model_checkpoint(accelerator.unwrap_model(model), epoch=epoch + 1, metrics=metrics, **ckpt_args)
+        if improved:
+            save_checkpoint(ckpt, run_dir / "best_model.pth")
+        if t.save_every and (epoch + 1) % t.save_every == 0:
+            save_checkpoint(ckpt, run_dir / f"checkpoint_epoch_{epoch + 1}.pth")
+        rows.append(row)
+        if finished:
+            save_checkpoint(ckpt, run_dir / "final_model.pth")
+            plots.plot_history(rows, run_dir / plots.HISTORY_PLOT)
+            plots.plot_samples(samples, spec.mean, spec.std, t.threshold, run_dir / plots.SAMPLES_PLOT)
+        history.write_history(run_dir, rows)
+        tqdm.write(history.summary_line(row, t.epochs, improved))
+        if stopped_early:
+            tqdm.write(f"early stopping: no val Dice improvement for {bad} epochs (best {best_score:.4f})")
+    if accelerator.log_with:
+        accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+    new = state.Progress(epoch=epoch + 1, step=0, best_score=best_score,
+                         best_epoch=epoch + 1 if improved else progress.best_epoch, bad_epochs=bad,
+                         finished=finished, stopped_early=stopped_early)
+    state.save_last(run_dir, accelerator, model, optimizer, scheduler, new)
+    return new

@@ -1,0 +1,126 @@
+"""Exact distributed validation: every validation sample scored once, metrics reduced once.
+
+Design choices:
+
+- Each rank scores only its share (``seg.training.data.val_loader``), with the unwrapped model
+  in eval mode (no DDP hooks, so ranks with different sample counts never meet in a collective
+  during the pass), under the same autocast as training.
+- Per image it keeps the key, the TP/FP/FN/TN counts (``seg.metrics.confusion_counts``) and the
+  loss of that image alone. One ``gather_object`` sends every rank's records to every rank;
+  they go into a ``MetricAccumulator`` keyed by sample (a duplicate key counts once) and are
+  reduced once. ``val_loss`` is the mean of the per-image losses over unique keys. All ranks
+  end with the same report, so early stopping and the lr schedule agree without a broadcast.
+- Rank 0 also returns a few samples (normalised image, mask, probability) for the plot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from seg.metrics import MetricAccumulator, confusion_counts
+from seg.training.accel import to_device
+
+
+@torch.no_grad()
+def score_batches(model, loader, loss_fn, accelerator, threshold: float, channels_last: bool,
+                  keep_samples: int = 0) -> tuple[list[tuple[str, list[int], float]], list[dict]]:
+    """This rank's per-image records ``(key, [tp, fp, fn, tn], loss)`` and up to ``keep_samples`` samples.
+
+    Shape:
+        the loader yields ``(float32 (B, C, H, W), float32 (B, 1, H, W), keys)``.
+    """
+    records, samples = [], []
+    for images, masks, keys in loader:
+        images = to_device(images, accelerator.device, channels_last)
+        masks = masks.to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            logits = model(images)
+        logits = logits.float()
+        prob = torch.sigmoid(logits)
+        counts = confusion_counts(prob, masks, threshold)
+        losses = [float(loss_fn(logits[i:i + 1], masks[i:i + 1])) for i in range(len(keys))]
+        records.extend((str(k), c.tolist(), l) for k, c, l in zip(keys, counts, losses))
+        for i in range(min(len(keys), keep_samples - len(samples))):
+            samples.append({"key": str(keys[i]), "image": images[i].float().cpu().numpy(),
+                            "mask": masks[i, 0].cpu().numpy(), "prob": prob[i, 0].cpu().numpy()})
+    return records, samples
+
+
+def merge_records(all_records: list[tuple[str, list[int], float]], threshold: float) -> tuple[dict, float]:
+    """(metrics report, mean per-image loss) from the gathered records of every rank."""
+    acc = MetricAccumulator(threshold)
+    losses: dict[str, float] = {}
+    for key, counts, loss in all_records:
+        losses[key] = loss
+        acc.update([key], np.asarray(counts, dtype=np.int64)[None])
+    report = acc.summary()
+    val_loss = float(np.mean(list(losses.values()))) if losses else float("nan")
+    return report, val_loss
+
+
+def validate(model, loader, loss_fn, accelerator, threshold: float, channels_last: bool,
+             expected: int | None = None, keep_samples: int = 0) -> tuple[dict, float, list[dict]]:
+    """Score the validation set once across all ranks (every rank must call it).
+
+    Args:
+        model: the (possibly DDP-wrapped) model; it is unwrapped and put in eval mode here.
+        loader: this rank's share (``val_loader``).
+        expected: the validation set size (dataset.json); a mismatch is an error, as it would
+            mean a sample was lost or scored twice.
+        keep_samples: samples returned for the plot (rank 0's).
+    Returns:
+        ``(report, val_loss, samples)``: report as ``MetricAccumulator.summary()``.
+    """
+    from accelerate.utils import gather_object
+
+    inner = accelerator.unwrap_model(model)
+    was_training = inner.training
+    inner.eval()
+    try:
+        records, samples = score_batches(inner, loader, loss_fn, accelerator, threshold, channels_last,
+                                         keep_samples if accelerator.is_main_process else 0)
+    finally:
+        inner.train(was_training)
+    gathered = gather_object(records) if accelerator.num_processes > 1 else records
+    report, val_loss = merge_records(gathered, threshold)
+    if expected is not None and report["n_images"] != expected:
+        raise RuntimeError(f"validation scored {report['n_images']} unique images but dataset.json lists {expected} "
+                           f"(duplicate sample keys in the val shards, or shards changed since `seg prepare`)")
+    return report, val_loss, samples
+
+
+def run_validation(cfg, model_path: str) -> dict:
+    """Validate a model checkpoint on ``cfg.data.data_dir``'s val split with the training code path.
+
+    Every rank must call it (torchrun / accelerate launch work as for training); the checkpoint's
+    preprocessing is used. Rank 0 writes ``<checkpoint_dir>/validation.json``.
+    Returns the report (with ``val_loss``) on every rank.
+    """
+    from dataclasses import replace
+    from pathlib import Path
+
+    from seg.checkpoint import load_model
+    from seg.fileio import atomic_write_json
+    from seg.losses import build_loss
+    from seg.training import data
+    from seg.training.accel import build_accelerator, prepare_model
+
+    accelerator = build_accelerator(cfg)
+    model, ckpt = load_model(model_path)
+    p = ckpt["preprocess"]
+    cfg = replace(cfg, data=replace(cfg.data, image_size=p["image_size"], in_channels=p["in_channels"],
+                                    sampling=p.get("sampling", "resize")))
+    spec = data.DataSpec(cfg)
+    spec.mean, spec.std = list(p["mean"]), list(p["std"])
+    model = prepare_model(accelerator, model, cfg.train.channels_last)
+    loader = data.val_loader(cfg, spec, accelerator.process_index, accelerator.num_processes)
+    loss_fn = build_loss(cfg.train.loss, cfg.train.bce_weight, cfg.train.dice_weight)
+    report, val_loss, _ = validate(model, loader, loss_fn, accelerator, float(ckpt.get("threshold", 0.5)),
+                                   cfg.train.channels_last, expected=spec.n_val)
+    report = {**report, "val_loss": val_loss, "model_path": str(model_path)}
+    if accelerator.is_main_process:
+        atomic_write_json(Path(cfg.train.checkpoint_dir) / "validation.json", report)
+        print(f"validation of {model_path}: {report['n_images']} images, dice {report['global']['dice']:.4f}, "
+              f"iou {report['global']['iou']:.4f}, val_loss {val_loss:.4f}")
+    return report
