@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import tarfile
 from collections import Counter, deque
 from datetime import datetime, timezone
 from pathlib import Path
@@ -128,9 +129,29 @@ class ShardSeries:
         self._writer = self._tmp = self._stream = None
         self._n = 0
 
+    @staticmethod
+    def _tar_bytes(sample: dict) -> int:
+        """Bytes a sample adds to a tar: per member a header (+ a PAX header for a long name) and
+        the data padded to 512-byte blocks."""
+        total = 0
+        for k, v in sample.items():
+            if not k.startswith("__"):
+                name_len = len(sample["__key__"].encode()) + 1 + len(k)
+                total += 512 + (1024 if name_len > 99 else 0) + -(-len(v) // 512) * 512
+        return total
+
+    def _final_size(self, extra: int) -> int:
+        """Size of the open shard if closed after ``extra`` more bytes: end blocks, record padding."""
+        used = self._writer.tarstream.offset + extra + 1024  # offset: bytes written so far
+        return -(-used // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
     def write(self, sample: dict) -> None:
-        size = sum(len(v) for k, v in sample.items() if not k.startswith("__")) + 512 * (len(sample) + 1)
-        if self._writer is not None and (self._n >= self.max_count or self._stream.tell() + size > self.max_bytes):
+        """Append a sample, first closing the open shard if the sample would break a bound.
+
+        A single sample larger than ``max_bytes`` gets a shard of its own.
+        """
+        size = self._tar_bytes(sample)
+        if self._writer is not None and (self._n >= self.max_count or self._final_size(size) > self.max_bytes):
             self._close()
         if self._writer is None:
             self._open()
@@ -161,6 +182,8 @@ class ShardSeries:
 
     def abort(self) -> None:
         if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()  # writes the tar end blocks into the temporary, about to go
             with contextlib.suppress(Exception):
                 self._stream.close()
             with contextlib.suppress(FileNotFoundError):
