@@ -1,0 +1,152 @@
+"""The two evaluation modes put together: read, (predict,) score, gather, write.
+
+Design choices:
+
+- Every rank runs the same code on its share of the images (``sources``), scores them into a
+  ``scoring.RankScores``, and the counts go to rank 0, which alone writes the report and plots
+  to ``--output_dir``. Before the gather, the ranks share whether each succeeded, so an error on
+  one rank stops every rank with that message instead of leaving the others waiting.
+- Model mode batches images for ``seg.inference.engine.Predictor`` (the same preprocessing as
+  ``seg predict``: from the checkpoint), scores the probability maps at the report threshold and
+  sweeps 0.05 ... 0.95 on the same maps.
+- Every output file is written atomically (``seg.fileio``); temporaries left by a crashed run
+  are removed first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from seg.dist import DistEnv
+from seg.evaluation import panels, plots, report as report_mod
+from seg.evaluation.scoring import (Evaluation, RankScores, gather_payloads, merge, shared_errors)
+from seg.evaluation.sources import LabelledImages, MaskPairs, Scorable
+from seg.fileio import remove_stale_temporaries
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation failed on at least one rank; the message holds every rank's error."""
+
+
+@dataclass
+class Options:
+    output_dir: Path
+    worst_k: int = 8
+    num_samples: int = 4
+    workers: int = 4
+    progress: bool = True
+
+
+def _bar(env: DistEnv, total: int | None, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True,
+                disable=not (enabled and env.is_main))
+
+
+def _score_masks(source: MaskPairs, scores: RankScores, env: DistEnv, opts: Options) -> None:
+    with _bar(env, source.count_for(env.rank, env.world_size), opts.progress,
+              f"evaluate rank 0/{env.world_size}") as bar:
+        for item in source.assigned(env.rank, env.world_size, opts.workers):
+            scores.add(item.index, item.key, item.truth, pred=item.pred, image=item.image_loader)
+            bar.update(1)
+
+
+def _batches(items: Iterable[Scorable], size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _score_model(source: LabelledImages, predictor, scores: RankScores, env: DistEnv, opts: Options) -> None:
+    with _bar(env, source.count_for(env.rank, env.world_size), opts.progress,
+              f"predict+evaluate rank 0/{env.world_size}") as bar:
+        for batch in _batches(source.assigned(env.rank, env.world_size, opts.workers), predictor.batch_size):
+            probs = predictor.predict_probabilities([item.image for item in batch])
+            for item, prob in zip(batch, probs):
+                scores.add(item.index, item.key, item.truth, prob=prob, image=item.image)
+            bar.update(len(batch))
+
+
+def _finish(scores: RankScores, error: str | None, env: DistEnv, opts: Options) -> Evaluation | None:
+    """Share errors, gather counts; the merged evaluation on rank 0, None elsewhere."""
+    errors = shared_errors(error, env)
+    if errors:
+        raise EvaluationError(errors[0] if not env.is_distributed else "evaluation failed:\n  " + "\n  ".join(errors))
+    payloads = gather_payloads(scores.payload(), env)
+    if not env.is_main:
+        return None
+    evaluation = merge(payloads, scores.threshold, opts.worst_k, opts.num_samples)
+    if evaluation.report["n_images"] == 0:
+        raise EvaluationError("no images were evaluated (the data source is empty)")
+    return evaluation
+
+
+def _run(score, scores: RankScores, env: DistEnv, opts: Options) -> Evaluation | None:
+    error = None
+    try:
+        score()
+    except (ValueError, OSError) as exc:  # unreadable files, sizes, bad samples: user-facing
+        if not env.is_distributed:
+            raise
+        error = str(exc)
+    return _finish(scores, error, env, opts)
+
+
+def evaluate_masks(pred_dir, gt_dir, env: DistEnv, opts: Options, image_dir=None) -> tuple[Evaluation | None, str]:
+    """Score existing masks (``--pred_dir``/``--gt_dir``); (evaluation on rank 0 else None, description)."""
+    from seg.evaluation.pairing import pair_masks
+
+    pairs, ignored = pair_masks(pred_dir, gt_dir, image_dir)
+    source = MaskPairs(pairs, gt_dir, pred_dir)
+    if ignored and env.is_main:
+        print(f"note: {ignored} file(s) in --pred_dir {pred_dir} have no truth in --gt_dir and are not scored")
+    scores = RankScores(threshold=None, sweep=False, worst_k=opts.worst_k, num_samples=opts.num_samples)
+    return _run(lambda: _score_masks(source, scores, env, opts), scores, env, opts), source.description
+
+
+def evaluate_model(model_path, data_dir, env: DistEnv, opts: Options, split: str = "val",
+                   threshold: float | None = None, **predictor_args) -> tuple[Evaluation | None, str]:
+    """Predict labelled data with a checkpoint and score it (``--model_path``/``--data_dir``).
+
+    Args:
+        predictor_args: ``device``, ``precision``, ``batch_size``, ``tta``, ``tile_size`` for
+            ``seg.inference.engine.Predictor``.
+    """
+    source = LabelledImages(str(data_dir), split)
+    from seg.inference.engine import Predictor
+
+    predictor = Predictor(model_path, threshold=threshold, **predictor_args)
+    if env.is_main:
+        print(f"model {model_path}: {predictor.describe()}")
+    scores = RankScores(threshold=predictor.threshold, sweep=True, worst_k=opts.worst_k, num_samples=opts.num_samples)
+    evaluation = _run(lambda: _score_model(source, predictor, scores, env, opts), scores, env, opts)
+    return evaluation, f"model {model_path} on {source.description}"
+
+
+def write_outputs(evaluation: Evaluation, source: str, output_dir: Path) -> dict[str, Path]:
+    """Write the report files and plots; returns {name: path}."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir, recursive=False)
+    doc = report_mod.build_report(evaluation.report, evaluation.sweep)
+    worst = [(t.key, t.dice) for t in evaluation.worst]
+    out = {
+        "report": report_mod.write_json(doc, output_dir),
+        "text": report_mod.write_text(report_mod.format_text(doc, evaluation.sweep, source, worst), output_dir),
+        "confusion_matrix": plots.confusion_matrix(doc, output_dir / "confusion_matrix.png"),
+        "metrics_distribution": plots.metrics_distribution(doc, output_dir / "metrics_distribution.png"),
+        "metrics_summary": plots.metrics_summary(doc, output_dir / "metrics_summary.png"),
+        "sample_predictions": panels.sample_predictions(evaluation.samples, doc, output_dir / "sample_predictions.png"),
+        "worst_cases": panels.worst_cases(evaluation.worst, doc, output_dir / "worst_cases.png"),
+    }
+    if evaluation.sweep is not None:
+        out["threshold_sweep"] = plots.threshold_sweep(evaluation.sweep, doc, output_dir / "threshold_sweep.png")
+    return out
