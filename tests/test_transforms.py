@@ -132,3 +132,17 @@ def test_bad_arguments_name_the_problem():
         build_eval_transform(32, [0.0] * 3, [1.0] * 3, sampling="tile")
     with pytest.raises(ValueError, match="differs from image shape"):
         build_eval_transform(32, [0.0] * 3, [1.0] * 3)(np.zeros((32, 32), np.uint8), np.zeros((16, 16), bool))
+
+
+@pytest.mark.parametrize("in_channels, shape, dtype", [(3, (50, 70, 3), np.uint8), (1, (50, 70, 3), np.uint8),
+                                                       (3, (40, 40), np.uint16), (1, (64, 64), np.uint8)])
+def test_eval_transform_matches_prediction_preprocessing(in_channels, shape, dtype):
+    """Validation during training and `seg predict` must feed the model the same numbers."""
+    from seg.inference.engine import Preprocessor
+
+    image = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+    mean, std = channel_stats("imagenet", None, in_channels)
+    ours, _ = build_eval_transform(32, mean, std, in_channels)(image, None)
+    theirs = Preprocessor("resize", 32, in_channels, mean, std).prepare(image)
+    assert ours.shape == theirs.shape
+    assert np.allclose(ours.numpy(), theirs, atol=1e-5)

@@ -2,16 +2,19 @@
 
 Design choices:
 
-- One order for every image: scale to float32 [0, 1] by the dtype maximum (255 or 65535, so
-  8- and 16-bit images meet on one scale), adapt the channel count (``to_model_channels``),
-  then the albumentations pipeline, ending with ``Normalize(mean, std, max_pixel_value=1.0)``
+- One order for every image: adapt the channel count (``to_model_channels``), resize (resize
+  mode), scale to float32 [0, 1] by the dtype maximum (255 or 65535, so 8- and 16-bit images
+  meet on one scale), then the albumentations pipeline, ending with ``Normalize(mean, std, max_pixel_value=1.0)``
   with the [0, 1]-scale stats of ``channel_stats``. The same stats go into the checkpoint's
   ``preprocess`` so prediction normalises exactly as training did.
 - Masks go through albumentations as ``uint8`` {0, 1}; every geometric step uses nearest
   neighbour for masks (``mask_interpolation=cv2.INTER_NEAREST``) and fills borders with 0
   (``fill_mask=0``), so a mask stays exactly binary and aligned with its image.
-- ``sampling="resize"`` (the seed's way): the whole image is resized to ``image_size`` square
-  (image bilinear, INTER_AREA when shrinking; mask nearest). ``sampling="patch"``: images are
+- ``sampling="resize"`` (the seed's way): the whole image is resized to ``image_size`` square,
+  image with ``cv2.INTER_LINEAR`` on the raw pixels after the channel conversion (``cv2``
+  RGB2GRAY), mask nearest, before scaling: exactly what ``seg.inference``'s ``Preprocessor``
+  does at prediction, so validation and prediction see the same numbers (INTER_AREA would
+  alias less when shrinking a lot, but train/predict equality matters more). ``sampling="patch"``: images are
   kept at native resolution; training pads to at least ``image_size`` (zeros, mask 0) and takes
   a random ``image_size`` crop; evaluation pads the FULL image to the next multiple of 16
   (centred, zeros / mask 0) so the U-Net can run on it. Padded pixels count as true negatives
@@ -50,7 +53,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATION_MODES = ("dataset", "imagenet", "none")
 SAMPLING_MODES = ("resize", "patch")
 PAD_MULTIPLE = 16  # the U-Net halves the size 4 times
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as cv2.COLOR_RGB2GRAY
 
 
 def _reduce_to_grey(mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
@@ -98,23 +100,21 @@ def channel_stats(mode: str, dataset_info: dict | None, in_channels: int) -> tup
 def to_model_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     """Adapt an ``HxW``/``HxWx1``/``HxWx3`` image to ``HxWxC`` with C = in_channels.
 
-    Grey is repeated to 3 channels; RGB becomes grey by BT.601 luminance for 1 channel.
-    Integer images stay in their dtype (luminance rounded); float images stay float32.
+    Grey is repeated to 3 channels; RGB becomes grey by ``cv2.COLOR_RGB2GRAY`` (BT.601
+    luminance 0.299 R + 0.587 G + 0.114 B, rounded for integer images), as prediction does.
+    The dtype is kept (uint8, uint16 or float32).
     """
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f"image of shape {image.shape} is not HxW, HxWx1 or HxWx3")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels={in_channels} is not valid; use 1 (grey) or 3 (RGB)")
     if image.shape[2] == in_channels:
         return image
     if in_channels == 3:
         return np.repeat(image, 3, axis=2)
-    if in_channels == 1:
-        grey = image.astype(np.float32) @ LUMA
-        if np.issubdtype(image.dtype, np.integer):
-            grey = np.clip(np.rint(grey), 0, np.iinfo(image.dtype).max).astype(image.dtype)
-        return grey[..., None]
-    raise ValueError(f"in_channels={in_channels} is not valid; use 1 (grey) or 3 (RGB)")
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)[..., None]
 
 
 def augmentation_seed(seed: int, epoch: int = 0, rank: int = 0, worker: int = 0) -> int:
@@ -128,24 +128,37 @@ class SegTransform:
     Attributes:
         compose: the albumentations pipeline (float32 [0, 1] image, uint8 {0, 1} mask).
         in_channels: channels of the output image tensor.
+        resize_to: side of the square resize done on the raw pixels first (resize mode), or None.
     """
 
-    def __init__(self, compose: A.Compose, in_channels: int):
+    def __init__(self, compose: A.Compose, in_channels: int, resize_to: int | None = None):
         self.compose = compose
         self.in_channels = in_channels
+        self.resize_to = resize_to
 
     def reseed(self, seed: int) -> None:
         """Reset the augmentation random state (see ``augmentation_seed``)."""
         self.compose.set_random_seed(int(seed))
+
+    def _resize(self, image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        s = self.resize_to
+        if s is None or image.shape[:2] == (s, s):
+            return image, mask
+        resized = cv2.resize(image, (s, s), interpolation=cv2.INTER_LINEAR)
+        if resized.ndim == 2:  # cv2 drops a single channel axis
+            resized = resized[..., None]
+        return resized, None if mask is None else cv2.resize(mask, (s, s), interpolation=cv2.INTER_NEAREST)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if image.dtype not in (np.uint8, np.uint16):
             raise TypeError(f"image dtype {image.dtype} is not supported; expected uint8 or uint16")
         if mask is not None and mask.shape[:2] != image.shape[:2]:
             raise ValueError(f"mask shape {mask.shape[:2]} differs from image shape {image.shape[:2]}")
-        data = {"image": to_model_channels(to_float01(image), self.in_channels)}
-        if mask is not None:
-            data["mask"] = (np.asarray(mask) > 0).astype(np.uint8)
+        mask_u8 = None if mask is None else (np.asarray(mask) > 0).astype(np.uint8)
+        raw, mask_u8 = self._resize(to_model_channels(image, self.in_channels), mask_u8)
+        data = {"image": to_float01(raw)}
+        if mask_u8 is not None:
+            data["mask"] = mask_u8
         out = self.compose(**data)
         img = out["image"]
         if img.ndim == 2:
@@ -164,11 +177,6 @@ def _check(image_size: int, mean, std, in_channels: int, sampling: str) -> None:
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"mean={list(mean)} / std={list(std)} need {in_channels} values (in_channels={in_channels}); "
                          "get them from channel_stats(mode, dataset_info, in_channels)")
-
-
-def _resize(image_size: int) -> A.Resize:
-    return A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR,
-                    mask_interpolation=cv2.INTER_NEAREST, area_for_downscale="image")
 
 
 def _normalize(mean, std) -> A.Normalize:
@@ -204,14 +212,13 @@ def build_train_transform(image_size: int, mean, std, in_channels: int = 3, samp
         ``(image HxW[x3], mask HxW | None) -> (float32 (C, S, S), float32 (1, S, S) | None)``
     """
     _check(image_size, mean, std, in_channels, sampling)
-    if sampling == "resize":
-        sizing = [_resize(image_size)]
-    else:
-        sizing = [A.PadIfNeeded(min_height=image_size, min_width=image_size, position="center",
-                                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-                  A.RandomCrop(image_size, image_size)]
+    sizing = [] if sampling == "resize" else [
+        A.PadIfNeeded(min_height=image_size, min_width=image_size, position="center",
+                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+        A.RandomCrop(image_size, image_size)]
     steps = sizing + (augmentations() if augment else []) + [_normalize(mean, std)]
-    return SegTransform(A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST, seed=seed), in_channels)
+    return SegTransform(A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST, seed=seed), in_channels,
+                        resize_to=image_size if sampling == "resize" else None)
 
 
 def build_eval_transform(image_size: int, mean, std, in_channels: int = 3, sampling: str = "resize") -> SegTransform:
@@ -224,11 +231,9 @@ def build_eval_transform(image_size: int, mean, std, in_channels: int = 3, sampl
         ``(image HxW[x3], mask | None) -> (float32 (C, S, S) or (C, H16, W16), mask alike)``
     """
     _check(image_size, mean, std, in_channels, sampling)
-    if sampling == "resize":
-        sizing = [_resize(image_size)]
-    else:
-        sizing = [A.PadIfNeeded(min_height=None, min_width=None, pad_height_divisor=PAD_MULTIPLE,
-                                pad_width_divisor=PAD_MULTIPLE, position="center",
-                                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)]
+    sizing = [] if sampling == "resize" else [
+        A.PadIfNeeded(min_height=None, min_width=None, pad_height_divisor=PAD_MULTIPLE,
+                      pad_width_divisor=PAD_MULTIPLE, position="center",
+                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)]
     return SegTransform(A.Compose(sizing + [_normalize(mean, std)], mask_interpolation=cv2.INTER_NEAREST, seed=0),
-                        in_channels)
+                        in_channels, resize_to=image_size if sampling == "resize" else None)
