@@ -133,7 +133,10 @@ def decode_sample(sample: dict) -> dict:
 
 class SkipCounter:
     """Opt-in webdataset handler that skips bad samples, counting them (webdataset's convention:
-    return True to continue). ``messages`` keeps the first ``keep`` errors."""
+    return True to continue). ``messages`` keeps the first ``keep`` errors.
+
+    Each DataLoader worker process counts in its own copy; the warnings it emits are how the
+    main process sees them (or count in the main process with ``num_workers=0``)."""
 
     def __init__(self, keep: int = 20, warn: bool = True):
         self.count, self.keep, self.warn = 0, keep, warn
