@@ -6,7 +6,7 @@ everything prediction needs and nothing that needs unpickling code::
     {"format": "seg-model", "format_version": 1,
      "state_dict": {name: fp32 CPU tensor},
      "model": {"in_channels", "base_channels", "bilinear"},
-     "preprocess": {"image_size", "in_channels", "mean": [..], "std": [..]},
+     "preprocess": {"image_size", "in_channels", "mean": [..], "std": [..], "sampling"},
      "threshold": 0.5,
      "config": {resolved config as a plain dict},
      "epoch": int, "metrics": {name: float},

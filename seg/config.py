@@ -320,6 +320,21 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+class _SchedulerFlag(argparse.Action):
+    """``--scheduler [NAME]``: a bare flag means 'plateau'. argparse hands the optional value a
+    following dotted override (``--scheduler train.lr=1e-3``); that one is kept as an override."""
+
+    CHOICES = ("none", "plateau", "cosine", "poly")
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if isinstance(value, str) and "=" in value:
+            namespace.scheduler_overrides = [*getattr(namespace, "scheduler_overrides", []), value]
+            value = "plateau"
+        if value not in self.CHOICES:
+            parser.error(f"argument --scheduler: invalid choice {value!r} (choose from {', '.join(self.CHOICES)})")
+        setattr(namespace, self.dest, value)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config, the seed's flags and positional dotted overrides."""
     parser.add_argument("--config", help="YAML preset (see configs/); flags and overrides win over it")
@@ -328,8 +343,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, help="images per step per rank (train.batch_size)")
     parser.add_argument("--lr", type=float, help="learning rate (train.lr)")
     parser.add_argument("--loss", choices=["bce", "dice", "combined"], help="train.loss")
-    parser.add_argument("--scheduler", nargs="?", const="plateau", default=None,
-                        choices=["none", "plateau", "cosine", "poly"],
+    parser.add_argument("--scheduler", nargs="?", const="plateau", default=None, action=_SchedulerFlag,
+                        metavar="{none,plateau,cosine,poly}",
                         help="lr schedule; the bare flag (as in the seed) means 'plateau'")
     parser.add_argument("--image_size", type=int, help="network input side in pixels (data.image_size)")
     parser.add_argument("--val_split", type=float, help="data.val_split (the split is made by `seg prepare`)")
@@ -350,4 +365,5 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, flag, None)
         if value is not None:
             flags[f"{section}.{name}"] = value
-    return build_config(args.config, flags, args.overrides)
+    overrides = [*getattr(args, "scheduler_overrides", []), *(args.overrides or [])]
+    return build_config(args.config, flags, overrides)

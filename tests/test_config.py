@@ -98,6 +98,14 @@ def test_seed_flags_map_onto_fields():
     assert _parse(["--lr", "0.5", "train.lr=0.25"]).train.lr == 0.25  # overrides win over flags
 
 
+def test_bare_scheduler_before_an_override():
+    """argparse hands `--scheduler` the next word; a dotted override there stays an override."""
+    cfg = _parse(["--scheduler", "train.lr=0.25", "model.base_channels=8"])
+    assert (cfg.train.scheduler, cfg.train.lr, cfg.model.base_channels) == ("plateau", 0.25, 8)
+    with pytest.raises(SystemExit):
+        _parse(["--scheduler", "step"])
+
+
 def test_flags_win_over_yaml(tmp_path):
     path = _write(tmp_path, "train:\n  epochs: 9\n  scheduler: cosine\n")
     cfg = _parse(["--config", str(path), "--epochs", "2"])
