@@ -94,8 +94,7 @@ def _validate_chunk(chunk: list[Pair], val_split: float, labelled: bool) -> list
 def _results(pairs, val_split, labelled, workers, chunk=16):
     """Yield validation results in the order of ``pairs`` (bounded window of chunks in flight)."""
     chunks = [pairs[i:i + chunk] for i in range(0, len(pairs), chunk)]
-    if workers <= 1:
-        _init_worker()
+    if workers <= 1:  # in this process (OpenCV's global log level and threads left as they are)
         for c in chunks:
             yield from _validate_chunk(c, val_split, labelled)
         return
