@@ -138,11 +138,15 @@ def test_bad_arguments_name_the_problem():
                                                        (3, (40, 40), np.uint16), (1, (64, 64), np.uint8)])
 def test_eval_transform_matches_prediction_preprocessing(in_channels, shape, dtype):
     """Validation during training and `seg predict` must feed the model the same numbers."""
-    from seg.inference.engine import Preprocessor
+    from seg.checkpoint import model_checkpoint
+    from seg.inference.engine import Predictor
+    from seg.model import UNet
 
     image = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
     mean, std = channel_stats("imagenet", None, in_channels)
     ours, _ = build_eval_transform(32, mean, std, in_channels)(image, None)
-    theirs = Preprocessor("resize", 32, in_channels, mean, std).prepare(image)
+    preprocess = {"image_size": 32, "in_channels": in_channels, "mean": mean, "std": std, "sampling": "resize"}
+    predictor = Predictor(model_checkpoint(UNet(in_channels, base_channels=4), preprocess), device="cpu")
+    theirs = predictor.prepare(image)
     assert ours.shape == theirs.shape
     assert np.allclose(ours.numpy(), theirs, atol=1e-5)
