@@ -121,6 +121,8 @@ def test_augmentation_is_a_function_of_the_seed():
     assert not all(torch.equal(x, a(image, None)[0]) for x in first)
     seeds = {augmentation_seed(5, e, r, w) for e in range(3) for r in range(2) for w in range(2)}
     assert len(seeds) == 12
+    assert len({augmentation_seed(5, 0, 0, 0, stream) for stream in range(4)}) == 4  # uncorrelated uses
+    assert augmentation_seed(5, 0, 0, 0, 0) == augmentation_seed(5)
 
 
 def test_bad_arguments_name_the_problem():

@@ -14,7 +14,7 @@ Design choices:
   permutation of the list per (seed, epoch), identical on every rank, before the split (so
   ranks x workers still cover every shard exactly once per epoch); the shuffle buffer, the
   resampling and the augmentation state (``SegTransform.reseed``) are seeded with
-  ``augmentation_seed(seed, epoch, rank, worker)``. ``ShardPipeline.set_epoch`` changes the
+  ``augmentation_seed(seed, epoch, rank, worker)``, one stream each. ``ShardPipeline.set_epoch`` changes the
   epoch; with ``persistent_workers=True`` the workers keep the epoch they started with, so use
   non-persistent workers (the default) or rebuild the pipeline.
 - ``resampled=True`` draws this worker's shards with replacement forever (the trainer caps the
@@ -44,6 +44,7 @@ from seg.data.transforms import augmentation_seed
 
 DATASET_JSON = "dataset.json"
 NO_MASK = torch.zeros(0)
+SHARD_ORDER, RESAMPLE, SHUFFLE = 1, 2, 3  # augmentation_seed streams (augmentation itself is 0)
 
 
 class ShardSampleError(ValueError):
@@ -164,7 +165,7 @@ def epoch_shard_order(urls: list[str], seed: int, epoch: int, shuffle: bool) -> 
     """The shard list as webdataset url dicts, permuted per (seed, epoch) when ``shuffle``."""
     urls = list(urls)
     if shuffle:
-        random.Random(augmentation_seed(seed, epoch)).shuffle(urls)
+        random.Random(augmentation_seed(seed, epoch, stream=SHARD_ORDER)).shuffle(urls)
     return [{"url": u} for u in urls]
 
 
@@ -189,7 +190,7 @@ def resample(seed: int, epoch: int, rank: int, worker: int | None = None) -> Cal
         items = list(src)
         if not items:
             return
-        rng = random.Random(augmentation_seed(seed, epoch, rank, _worker_info(worker)[0]))
+        rng = random.Random(augmentation_seed(seed, epoch, rank, _worker_info(worker)[0], stream=RESAMPLE))
         while True:
             yield rng.choice(items)
     return stage
@@ -199,7 +200,7 @@ def shuffle_samples(size: int, seed: int, epoch: int, rank: int, worker: int | N
     """Stage shuffling samples in a buffer of ``size`` (seeded per reader)."""
     def stage(src):
         w = _worker_info(worker)[0]
-        return _shuffle(src, bufsize=size, initial=size, seed=augmentation_seed(seed, epoch, rank, w) + 1)
+        return _shuffle(src, bufsize=size, initial=size, seed=augmentation_seed(seed, epoch, rank, w, stream=SHUFFLE))
     return stage
 
 

@@ -117,9 +117,16 @@ def to_model_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)[..., None]
 
 
-def augmentation_seed(seed: int, epoch: int = 0, rank: int = 0, worker: int = 0) -> int:
-    """A 32-bit seed that is a stable function of (seed, epoch, rank, worker)."""
-    return int(np.random.SeedSequence([int(seed), int(epoch), int(rank), int(worker)]).generate_state(1)[0])
+def augmentation_seed(seed: int, epoch: int = 0, rank: int = 0, worker: int = 0, stream: int = 0) -> int:
+    """A 32-bit seed that is a stable function of (seed, epoch, rank, worker).
+
+    ``stream`` separates independent uses by one reader (0: augmentation; ``seg.data.shards``
+    uses 1-3 for shard order, resampling and the shuffle buffer), so they are not correlated.
+    """
+    parts = [int(seed), int(epoch), int(rank), int(worker)] + ([int(stream)] if stream else [])
+    if min(parts) < 0:
+        raise ValueError(f"seed, epoch, rank, worker and stream must be >= 0, got {parts}")
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
 class SegTransform:
