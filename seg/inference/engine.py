@@ -98,6 +98,54 @@ def weights_sha256(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
+class Preprocessor:
+    """The CPU half of prediction, small and picklable so DataLoader workers can run it.
+
+    Args:
+        mode: 'resize' or 'tile'.
+        image_size: the training size (resize mode).
+        in_channels: 1 or 3.
+        mean, std: per-channel statistics on the [0, 1] scale.
+    """
+
+    def __init__(self, mode: str, image_size: int, in_channels: int, mean, std):
+        self.mode, self.image_size, self.in_channels = mode, int(image_size), int(in_channels)
+        self.mean = np.asarray(mean, np.float32).reshape(-1)
+        self.std = np.asarray(std, np.float32).reshape(-1)
+        if self.mean.size != self.in_channels or self.std.size != self.in_channels:
+            raise ValueError(f"checkpoint preprocess mean/std have {self.mean.size}/{self.std.size} values "
+                             f"for in_channels={self.in_channels}; the checkpoint is inconsistent")
+
+    def normalise(self, raw: np.ndarray) -> np.ndarray:
+        """Scale raw pixels to [0, 1] by the dtype maximum and apply mean/std.
+
+        Shape:
+            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 -> ``(N, C, H, W)`` float32.
+        """
+        scale = np.float32(np.iinfo(raw.dtype).max) if raw.dtype.kind in "ui" else np.float32(1)
+        x = raw.astype(np.float32)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+        x /= scale
+        x -= self.mean[None, :, None, None]
+        x /= self.std[None, :, None, None]
+        return np.ascontiguousarray(x)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """The CPU part of prediction for one decoded image.
+
+        Shape:
+            ``(H, W)`` or ``(H, W, 3)`` -> resize mode: ``(C, S, S)`` float32 normalised network
+            input (S = image_size); tile mode: the image in the model's channel layout, raw dtype.
+        """
+        image = model_channels(image, self.in_channels)
+        if self.mode == "tile":
+            return image
+        s = self.image_size
+        if image.shape[:2] != (s, s):
+            image = cv2.resize(image, (s, s), interpolation=cv2.INTER_LINEAR)
+        return self.normalise(image[None])[0]
+
+
 class Predictor:
     """A model ready to predict probabilities, with its checkpoint's preprocessing.
 
@@ -139,45 +187,21 @@ class Predictor:
         self.tile_overlap = float(tile_overlap)
         self.threshold = float(ckpt.get("threshold", 0.5) if threshold is None else threshold)
         self.batch_size, self.tta = int(batch_size), bool(tta)
-        self.mean = np.asarray(self.preprocess["mean"], np.float32).reshape(-1)
-        self.std = np.asarray(self.preprocess["std"], np.float32).reshape(-1)
-        if self.mean.size != self.in_channels or self.std.size != self.in_channels:
-            raise ValueError(f"checkpoint preprocess mean/std have {self.mean.size}/{self.std.size} values "
-                             f"for in_channels={self.in_channels}; the checkpoint is inconsistent")
+        self.preprocessor = Preprocessor(self.mode, self.image_size, self.in_channels,
+                                         self.preprocess["mean"], self.preprocess["std"])
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
         model = model_from_checkpoint(ckpt).to(self.device)
         self.model = model.to(memory_format=torch.channels_last).eval()
 
-    # ---- CPU side (DataLoader workers) -------------------------------------------------------
+    # ---- CPU side: delegated to the picklable Preprocessor (DataLoader workers use it) --------
     def normalise(self, raw: np.ndarray) -> np.ndarray:
-        """Scale raw pixels to [0, 1] by the dtype maximum and apply mean/std.
-
-        Shape:
-            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 -> ``(N, C, H, W)`` float32.
-        """
-        scale = np.float32(np.iinfo(raw.dtype).max) if raw.dtype.kind in "ui" else np.float32(1)
-        x = raw.astype(np.float32)
-        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-        x /= scale
-        x -= self.mean[None, :, None, None]
-        x /= self.std[None, :, None, None]
-        return np.ascontiguousarray(x)
+        """See ``Preprocessor.normalise``."""
+        return self.preprocessor.normalise(raw)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """The CPU part of prediction for one decoded image.
-
-        Shape:
-            ``(H, W)`` or ``(H, W, 3)`` -> resize mode: ``(C, S, S)`` float32 normalised network
-            input (S = image_size); tile mode: the image in the model's channel layout, raw dtype.
-        """
-        image = model_channels(image, self.in_channels)
-        if self.mode == "tile":
-            return image
-        s = self.image_size
-        if image.shape[:2] != (s, s):
-            image = cv2.resize(image, (s, s), interpolation=cv2.INTER_LINEAR)
-        return self.normalise(image[None])[0]
+        """See ``Preprocessor.prepare``."""
+        return self.preprocessor.prepare(image)
 
     @staticmethod
     def restore(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:

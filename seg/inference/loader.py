@@ -1,0 +1,152 @@
+"""Decoding and preprocessing in DataLoader worker processes, unit by unit.
+
+Design choices:
+
+- ``UnitStream`` is an ``IterableDataset`` over this worker's units; DataLoader worker ``j`` of
+  ``n`` takes units ``j, j + n, ...`` whole, so one unit is read by one process, in order.
+  It yields three kinds of records: ``Item`` (a decoded, preprocessed image), ``Failure`` (an
+  input that could not be read: the reason, the job goes on) and ``UnitEnd`` (the unit's
+  counts), which tells the main process that a unit has no more records. Records are plain
+  tuples of numpy arrays and strings, so the DataLoader moves them through shared memory.
+- Shards are read with webdataset's own tar iteration and key grouping (the same member ->
+  sample rule as training) and decoded by ``seg.data.shards.decode_sample``. A shard that
+  breaks mid-way (truncated tar) keeps the samples read before and records a failure for the
+  rest.
+- Only the preprocessed network input travels to the main process, plus the original image
+  when overlays are requested; masks in labelled shards are ignored (prediction does not need
+  them). Batches are formed in the main process (``batch_size=None`` here), so end-of-unit
+  markers are never held back inside a batch.
+- Each worker process runs with one torch and one OpenCV thread: parallelism comes from the
+  processes, and the main process keeps its cores for the model.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch.utils.data
+
+from seg.data.io import ImageReadError, read_image
+from seg.inference.engine import Preprocessor
+from seg.inference.inputs import Unit, output_stem
+
+
+class Item(NamedTuple):
+    unit: int
+    source: str
+    rel: str  # sanitised output stem
+    x: np.ndarray  # prepared network input (resize mode) or raw image (tile mode)
+    size: tuple[int, int]  # original (H, W)
+    image: np.ndarray | None  # original image, only for overlays
+
+
+class Failure(NamedTuple):
+    unit: int
+    source: str
+    reason: str
+
+
+class UnitEnd(NamedTuple):
+    unit: int
+    items: int
+    failures: int
+
+
+def shard_samples(path: str) -> Iterator[dict]:
+    """Raw webdataset samples (``__key__``, ``__url__``, ``image.<ext>``, ...) of one tar file."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open(path, "rb") as fh:
+        files = ({**f, "__url__": path} for f in tar_file_iterator(fh))
+        yield from group_by_keys(files)
+
+
+class UnitStream(torch.utils.data.IterableDataset):
+    """Iterable of ``Item``/``Failure``/``UnitEnd`` records for ``units`` (see module docstring).
+
+    Args:
+        units: this worker's units, in order.
+        preprocessor: the engine's picklable CPU half.
+        keep_image: also send the original image (for overlays and visualisations).
+    """
+
+    def __init__(self, units: list[Unit], preprocessor: Preprocessor, keep_image: bool = False):
+        self.units, self.pre, self.keep_image = units, preprocessor, keep_image
+
+    def _item(self, unit: Unit, source: str, rel: str, image: np.ndarray) -> Item:
+        return Item(unit.index, source, rel, self.pre.prepare(image), tuple(image.shape[:2]),
+                    image if self.keep_image else None)
+
+    def _files(self, unit: Unit) -> Iterator:
+        done = failed = 0
+        for source, rel in zip(unit.sources, unit.rels):
+            try:
+                item = self._item(unit, source, rel, read_image(source))
+            except (ImageReadError, OSError) as exc:
+                failed += 1
+                yield Failure(unit.index, source, str(exc))
+                continue
+            done += 1
+            yield item
+        yield UnitEnd(unit.index, done, failed)
+
+    def _shard(self, unit: Unit) -> Iterator:
+        from seg.data.shards import ShardSampleError, decode_sample
+
+        shard = unit.sources[0]
+        done = failed = 0
+        samples = shard_samples(shard)
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                break
+            except Exception as exc:  # tarfile.ReadError, OSError, duplicate members: the shard is broken
+                failed += 1
+                yield Failure(unit.index, shard, f"{shard}: shard cannot be read past {done + failed - 1} samples ({exc})")
+                break
+            source = f"{shard}:{sample['__key__']}"
+            try:
+                decoded = decode_sample(sample)
+                item = self._item(unit, source, output_stem(decoded["key"]), decoded["image"])
+            except (ShardSampleError, ValueError) as exc:
+                failed += 1
+                yield Failure(unit.index, source, str(exc))
+                continue
+            done += 1
+            yield item
+        yield UnitEnd(unit.index, done, failed)
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for j, unit in enumerate(self.units):
+            if j % workers == worker:
+                yield from (self._shard(unit) if unit.kind == "shard" else self._files(unit))
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _identity(record):
+    return record
+
+
+def record_loader(stream: UnitStream, num_workers: int = 2, prefetch: int = 4):
+    """Records of ``stream``, decoded in ``num_workers`` processes (0: in this process).
+
+    Records come unbatched; at most ``num_workers * prefetch`` are in flight.
+    """
+    if num_workers == 0:
+        return iter(stream)
+    workers = max(0, min(num_workers, len(stream.units)))
+    if workers == 0:
+        return iter(())
+    return iter(torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, prefetch_factor=prefetch,
+        worker_init_fn=_worker_init, collate_fn=_identity, persistent_workers=False))

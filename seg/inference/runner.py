@@ -1,0 +1,219 @@
+"""The cohort loop of one worker: decode -> batch -> forward -> write -> record, overlapped.
+
+Design choices:
+
+- Three stages run at once: DataLoader worker processes decode and preprocess
+  (``seg.inference.loader``), the main thread batches same-size inputs and runs the model
+  (``Predictor.forward``; in resize mode every input has the training size, so any
+  ``batch_size`` images form a batch; in tile mode each image's tiles are batched), and a
+  bounded pool of writer threads resizes back, encodes and writes (``seg.inference.writers``).
+  Memory is bounded by prefetch + one batch + the writers' queue, never by the cohort.
+- A unit is finished when its end marker has arrived and every one of its images is written;
+  only then are its tar closed and renamed, its temporaries of earlier killed runs removed, its
+  failures appended to ``failures.jsonl`` and its line to ``manifest.jsonl``. A killed run
+  leaves units without a manifest line, which the next run of the same command redoes
+  (rewriting the same names), so every input ends with exactly one complete output.
+- Units already in the manifest with this model are skipped (their recorded inputs must equal
+  the planned ones). Stale temporaries are removed per finished unit, by output name, never
+  folder-wide: another worker may be writing into the same folder at the same moment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from seg.fileio import TMP_MARK
+from seg.inference.engine import Predictor
+from seg.inference.inputs import Unit, units_for_worker
+from seg.inference.loader import Failure, Item, UnitEnd, UnitStream, record_loader
+from seg.inference.manifest import FAILURES, MANIFEST, append_lines, check_model, check_unit_inputs, read_manifest
+from seg.inference.writers import UnitSink, Writers
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass
+class UnitState:
+    unit: Unit
+    sink: UnitSink
+    started: float = field(default_factory=time.perf_counter)
+    futures: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+    end: UnitEnd | None = None
+
+    def ready(self) -> bool:
+        return (self.end is not None and len(self.futures) == self.end.items
+                and all(f.done() for f in self.futures))
+
+
+@dataclass
+class RunOptions:
+    """What one worker writes and how (mirrors the CLI flags)."""
+    out_dir: Path
+    fmt: str = "png"
+    overlay: bool = False
+    probability: bool = False
+    loader_workers: int = 2
+    writer_threads: int = 4
+    overwrite: bool = False
+    progress: bool = True
+    position: int = 0
+
+
+def remove_unit_temporaries(out_dir: Path, names: list[str]) -> int:
+    """Delete temporaries of earlier runs whose final name is one of ``names`` (this unit's)."""
+    by_dir: dict[Path, set[str]] = {}
+    for name in names:
+        path = out_dir / name
+        by_dir.setdefault(path.parent, set()).add(path.name)
+    removed = 0
+    for folder, finals in by_dir.items():
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if entry.startswith(".") and TMP_MARK in entry and entry[1:].rsplit(TMP_MARK, 1)[0] in finals:
+                try:
+                    os.unlink(folder / entry)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+class CohortRun:
+    """One worker's pass over its units. ``run()`` returns the worker's summary dict."""
+
+    def __init__(self, predictor: Predictor, units: list[Unit], worker: int, num_workers: int, opts: RunOptions):
+        self.p, self.all_units, self.worker, self.num_workers, self.o = predictor, units, worker, num_workers, opts
+        self.out_dir = Path(opts.out_dir)
+        self.states: dict[int, UnitState] = {}
+        self.by_index = {u.index: u for u in units}
+        self.images = self.failures = self.done_units = 0
+        self.first_batch_s: float | None = None
+
+    def _state(self, index: int) -> UnitState:
+        if index not in self.states:
+            unit = self.by_index[index]
+            self.states[index] = UnitState(unit, UnitSink(self.out_dir, unit.id, self.o.fmt))
+        return self.states[index]
+
+    def _finish(self, state: UnitState) -> None:
+        images = sorted((f.result() for f in state.futures), key=lambda r: r["input"])
+        tar = state.sink.close()
+        suffixes = ["_mask.png"] + ["_overlay.png"] * self.o.overlay + ["_prob.png"] * self.o.probability
+        names = [tar] if tar else [i["output"][: -len("_mask.png")] + s for i in images for s in suffixes]
+        remove_unit_temporaries(self.out_dir, names)
+        unit = state.unit
+        failed = [{"input": s, "reason": r} for s, r in state.failures]
+        append_lines(self.out_dir / FAILURES, [{**f, "unit": unit.id, "model_sha256": self.p.sha256} for f in failed])
+        record = {"unit": unit.id, "index": unit.index, "num_units": len(self.all_units), "kind": unit.kind,
+                  "shard": unit.sources[0] if unit.kind == "shard" else None, "format": self.o.fmt, "tar": tar,
+                  "images": images, "failed": failed, "model_sha256": self.p.sha256,
+                  "seconds": round(time.perf_counter() - state.started, 3), "worker": self.worker,
+                  "num_workers": self.num_workers, "host": socket.gethostname(), "pid": os.getpid(),
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        append_lines(self.out_dir / MANIFEST, [record])
+        self.done_units += 1
+        del self.states[unit.index]
+
+    def _finish_ready(self) -> None:
+        for state in [s for s in self.states.values() if s.ready()]:
+            self._finish(state)
+
+    def _flush(self, pending: list[Item], writers: Writers) -> None:
+        if not pending:
+            return
+        import numpy as np
+
+        probs = self.p.forward(np.stack([it.x for it in pending]))
+        self._mark_first_batch()
+        for it, prob in zip(pending, probs):
+            self._state(it.unit).futures.append(writers.submit(self._state(it.unit).sink, it.source, it.rel,
+                                                               prob, it.size, it.image))
+        pending.clear()
+
+    def _mark_first_batch(self) -> None:
+        if self.first_batch_s is None:
+            self.first_batch_s = process_age()
+
+    def plan(self) -> tuple[list[Unit], list[dict]]:
+        """(units to do, manifest records of this worker's finished units)."""
+        check_model(self.out_dir, self.p.sha256, self.o.overwrite)
+        finished = read_manifest(self.out_dir)
+        todo, skipped = [], []
+        for unit in units_for_worker(self.all_units, self.worker, self.num_workers):
+            record = finished.get(unit.id)
+            if record is not None and record.get("model_sha256") == self.p.sha256:
+                check_unit_inputs(record, list(unit.sources) if unit.kind == "files" else None)
+                skipped.append(record)
+            else:
+                todo.append(unit)
+        return todo, skipped
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        start = time.perf_counter()
+        todo, skipped = self.plan()
+        total = sum(len(u) for u in todo) if all(u.kind == "files" for u in todo) else None
+        bar = tqdm(total=total, position=self.o.position, desc=f"predict {self.worker + 1}/{self.num_workers}",
+                   unit="img", dynamic_ncols=True, mininterval=1.0, disable=not self.o.progress or not todo)
+        writers = Writers(self.p.threshold, self.o.overlay, self.o.probability, self.o.writer_threads)
+        stream = UnitStream(todo, self.p.preprocessor, keep_image=self.o.overlay)
+        pending: list[Item] = []
+        try:
+            for rec in record_loader(stream, self.o.loader_workers):
+                if isinstance(rec, Item):
+                    self.images += 1
+                    bar.update(1)
+                    if self.p.mode == "tile":
+                        prob = self.p.predict_tiled(rec.x)
+                        self._mark_first_batch()
+                        state = self._state(rec.unit)
+                        state.futures.append(writers.submit(state.sink, rec.source, rec.rel, prob, rec.size, rec.image))
+                    else:
+                        self._state(rec.unit)
+                        pending.append(rec)
+                        if len(pending) >= self.p.batch_size:
+                            self._flush(pending, writers)
+                elif isinstance(rec, Failure):
+                    self.failures += 1
+                    bar.update(1)
+                    self._state(rec.unit).failures.append((rec.source, rec.reason))
+                elif isinstance(rec, UnitEnd):
+                    self._state(rec.unit).end = rec
+                self._finish_ready()
+            self._flush(pending, writers)
+            writers.close()
+            self._finish_ready()
+            if self.states:  # every unit sends its end marker; anything left is a bug, not user error
+                raise RuntimeError(f"units {sorted(self.states)} did not finish")
+        except BaseException:
+            for state in self.states.values():
+                state.sink.abort()
+            raise
+        finally:
+            writers.pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+        seconds = time.perf_counter() - start
+        old_failures = sum(len(r.get("failed", [])) for r in skipped)
+        return {"worker": self.worker, "num_workers": self.num_workers, "units": self.done_units,
+                "skipped_units": len(skipped), "images": self.images, "failures": self.failures + old_failures,
+                "seconds": round(seconds, 3), "images_per_s": round(self.images / seconds, 3) if seconds else 0.0,
+                "first_batch_s": None if self.first_batch_s is None else round(self.first_batch_s, 3)}

@@ -1,0 +1,128 @@
+"""Inputs, units, the worker split, safe output names and the manifest (no model needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from seg.inference.inputs import (build_units, expand_shards, file_units, list_file, list_folder, safe_relative,
+                                  units_for_worker)
+from seg.inference.manifest import (ManifestError, append_lines, check_model, check_unit_inputs, read_manifest,
+                                    summarize)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("a/b/x.png", "a/b/x.png"), ("../../etc/passwd", "etc/passwd"), ("/abs/x.png", "abs/x.png"),
+    ("a/../../b/./x.png", "a/b/x.png"), ("..\\..\\win\\x.png", "win/x.png"), ("C:/data/x.png", "data/x.png"),
+    ("a/.hidden/x.png", "a/hidden/x.png"), ("a/.../x", "a/_/x"),
+])
+def test_safe_relative_never_escapes(tmp_path, name, expected):
+    safe = safe_relative(name)
+    assert safe == expected
+    assert (tmp_path / safe).resolve().is_relative_to(tmp_path.resolve())
+
+
+def test_safe_relative_refuses_empty():
+    with pytest.raises(ValueError, match="no usable output name"):
+        safe_relative("../..")
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def test_list_folder_recursive_sorted_and_excludes_output(tmp_path):
+    for rel in ("b/2.png", "a/1.JPG", "a/z/3.tif", "notes.txt", ".hidden.png", "out/old_mask.png"):
+        _touch(tmp_path / rel)
+    found = list_folder(tmp_path, exclude=tmp_path / "out")
+    assert [stem for _, stem in found] == ["a/1", "a/z/3", "b/2"]
+
+
+def test_list_file_mirrors_common_parent_and_strips_escapes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lst = tmp_path / "paths.txt"
+    lst.write_text("# cohort\n/data/c/a/x.png\n\n/data/c/b/y.png\n")
+    assert [s for _, s in list_file(lst)] == ["a/x", "b/y"]
+    lst.write_text("../../evil/x.png\nok/y.png\n")
+    stems = [s for _, s in list_file(lst)]
+    assert stems == ["evil/x", "ok/y"] and all(".." not in s for s in stems)
+
+
+def test_colliding_outputs_are_an_error_naming_both(tmp_path):
+    lst = tmp_path / "paths.txt"
+    lst.write_text("a/x.png\na/x.jpg\n")
+    with pytest.raises(ValueError, match=r"a/x.png and a/x.jpg would both write a/x_mask.png|a/x.jpg and a/x.png"):
+        list_file(lst)
+
+
+def test_units_are_stable_and_split_by_index_mod_workers(tmp_path):
+    found = [(f"p{i:03d}.png", f"p{i:03d}") for i in range(10)]
+    units = file_units(found, 3)
+    assert [u.id for u in units] == ["files-000000", "files-000001", "files-000002", "files-000003"]
+    assert [len(u) for u in units] == [3, 3, 3, 1]
+    assert file_units(found, 3) == units
+    parts = [units_for_worker(units, w, 3) for w in range(3)]
+    assert [[u.index for u in p] for p in parts] == [[0, 3], [1], [2]]
+    assert sorted(s for p in parts for u in p for s in u.sources) == sorted(p for p, _ in found)
+
+
+def test_shard_patterns_expand_braces_and_globs(tmp_path):
+    for i in range(3):
+        _touch(tmp_path / f"val-{i:06d}.tar")
+    assert len(expand_shards(str(tmp_path / "val-{000000..000002}.tar"))) == 3
+    assert len(expand_shards(str(tmp_path / "*.tar"))) == 3
+    units = build_units(shards=str(tmp_path / "val-*.tar"))
+    assert [u.id for u in units] == ["shard-val-000000", "shard-val-000001", "shard-val-000002"]
+    with pytest.raises(ValueError, match="matches no file"):
+        expand_shards(str(tmp_path / "train-*.tar"))
+    with pytest.raises(ValueError, match="exactly one of"):
+        build_units(image_dir=str(tmp_path), shards="x")
+
+
+def test_manifest_append_read_skips_truncated_line_and_dedupes(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    append_lines(path, [{"unit": "u0", "index": 0, "num_units": 2, "images": [], "model_sha256": "a"}])
+    with open(path, "a") as fh:
+        fh.write('{"unit": "u1", "index": 1, "num_un')  # a crash mid-write
+    append_lines(path, [{"unit": "u0", "index": 0, "num_units": 2, "images": [], "model_sha256": "a", "dup": 1}])
+    append_lines(path, [{"unit": "u1", "index": 1, "num_units": 2, "images": [], "model_sha256": "a"}])
+    units = read_manifest(tmp_path)
+    assert sorted(units) == ["u0", "u1"] and "dup" not in units["u0"]
+    assert all(json.loads(line) for line in path.read_text().splitlines()[2:])
+
+
+def test_other_model_is_refused_unless_overwrite(tmp_path):
+    append_lines(tmp_path / "manifest.jsonl", [{"unit": "u0", "model_sha256": "a" * 64}])
+    check_model(tmp_path, "a" * 64)
+    with pytest.raises(ManifestError, match=f"{'a' * 64}.*{'b' * 64}"):
+        check_model(tmp_path, "b" * 64)
+    check_model(tmp_path, "b" * 64, overwrite=True)
+    assert read_manifest(tmp_path) == {}
+    assert (tmp_path / f"manifest.jsonl.replaced-{'a' * 12}").is_file()
+
+
+def test_changed_inputs_are_caught():
+    record = {"unit": "files-000000", "images": [{"input": "a.png"}], "failed": [{"input": "b.png"}]}
+    check_unit_inputs(record, ["b.png", "a.png"])
+    with pytest.raises(ManifestError, match="--unit_size changed"):
+        check_unit_inputs(record, ["a.png", "b.png", "c.png"])
+
+
+def test_summarize_reports_missing_units_and_files(tmp_path):
+    (tmp_path / "x_mask.png").write_bytes(b"png")
+    append_lines(tmp_path / "manifest.jsonl", [
+        {"unit": "u0", "index": 0, "num_units": 3, "model_sha256": "a", "seconds": 1.0,
+         "images": [{"input": "x.png", "output": "x_mask.png", "foreground": 0.25}],
+         "failed": [{"input": "bad.png", "reason": "empty"}]},
+        {"unit": "u1", "index": 1, "num_units": 3, "model_sha256": "a", "seconds": 1.0,
+         "images": [{"input": "y.png", "output": "y_mask.png", "foreground": 0.0}], "failed": []}])
+    s = summarize(tmp_path)
+    assert (s["units"], s["planned_units"], s["missing_units"], s["images"], s["failures"]) == (2, 3, [2], 2, 1)
+    assert s["foreground"]["empty"] == 1 and s["foreground"]["max"] == 0.25
+    assert any("not finished" in p for p in s["problems"]) and any("y_mask.png" in p for p in s["problems"])
+    assert os.path.exists(tmp_path / ".manifest.lock")
