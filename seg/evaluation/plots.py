@@ -122,7 +122,7 @@ def metrics_summary(report: dict, path: Path) -> Path:
 def threshold_sweep(sweep: dict, report: dict, path: Path) -> Path:
     """Global Dice, IoU, precision, recall (and mean Dice) against the threshold; best and used marked."""
     t = np.array(sweep["thresholds"])
-    fig = Figure(figsize=(9, 5.5))
+    fig = Figure(figsize=(11, 5.5))
     ax = fig.add_subplot()
     styles = {"dice": ("Dice (global)", "#C44E52", "-"), "iou": ("IoU (global)", "#4C72B0", "-"),
               "precision": ("Precision (global)", "#55A868", "-"), "recall": ("Recall (global)", "#8172B2", "-"),
@@ -143,7 +143,7 @@ def threshold_sweep(sweep: dict, report: dict, path: Path) -> Path:
     ax.set_xlabel("probability threshold (prob > threshold is foreground)")
     ax.set_ylabel("score")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower center", fontsize=9, ncols=2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, borderaxespad=0)
     ax.set_title(f"Threshold sweep ({report['n_images']} images): best global Dice {best['dice']:.4f} "
                  f"at {best['threshold']:.2f}")
     return save_figure(fig, path)
