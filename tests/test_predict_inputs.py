@@ -16,7 +16,7 @@ from seg.inference.manifest import (ManifestError, append_lines, check_model, ch
 
 @pytest.mark.parametrize("name, expected", [
     ("a/b/x.png", "a/b/x.png"), ("../../etc/passwd", "etc/passwd"), ("/abs/x.png", "abs/x.png"),
-    ("a/../../b/./x.png", "a/b/x.png"), ("..\\..\\win\\x.png", "win/x.png"), ("C:/data/x.png", "data/x.png"),
+    ("a/../../b/./x.png", "b/x.png"), ("a/../b/x.png", "b/x.png"), ("..\\..\\win\\x.png", "win/x.png"), ("C:/data/x.png", "data/x.png"),
     ("a/.hidden/x.png", "a/hidden/x.png"), ("a/.../x", "a/_/x"),
 ])
 def test_safe_relative_never_escapes(tmp_path, name, expected):

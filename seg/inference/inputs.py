@@ -12,8 +12,8 @@ Design choices:
   list was usually made with ``find``). Output paths mirror each input's path relative to the
   input folder (``--image_dir``), to the common parent of the listed paths (``--list``), or the
   sample key (``--shards``).
-- Output names come only from ``safe_relative``: ``..``, ``.``, empty and drive components and
-  leading ``/`` are dropped, backslashes are separators, so no input name can write outside
+- Output names come only from ``safe_relative``: the path is normalised (``a/../b`` is ``b``),
+  then the ``..`` left at its start, drive letters and leading ``/`` are dropped, backslashes are separators, so no input name can write outside
   ``--output_dir``. Two inputs that map to the same output name are an error naming both.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -55,7 +56,8 @@ def safe_relative(name: str) -> str:
     Raises:
         ValueError: nothing usable is left (e.g. the name was only ``..``).
     """
-    parts = [p for p in str(name).replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    normal = posixpath.normpath(str(name).replace("\\", "/"))  # a/../b -> b; leading .. kept
+    parts = [p for p in normal.split("/") if p not in ("", ".", "..")]
     parts = [p for p in parts if not (len(p) == 2 and p[1] == ":")]  # Windows drive letters
     parts = [p.lstrip(".") or "_" if p.startswith(".") else p for p in parts]  # no hidden names
     if not parts:
