@@ -94,7 +94,7 @@ def test_seed_flags_map_onto_fields():
     assert cfg.model.bilinear is True and cfg.train.scheduler == "plateau"  # bare --scheduler, as in the seed
     assert _parse(["--scheduler", "cosine"]).train.scheduler == "cosine"
     plain = _parse([])
-    assert plain.model.bilinear is False and plain.train.scheduler == "none"
+    assert plain.model.bilinear is False and plain.train.scheduler == "plateau"  # sound default for real data
     assert _parse(["--lr", "0.5", "train.lr=0.25"]).train.lr == 0.25  # overrides win over flags
 
 
