@@ -75,6 +75,7 @@ def build_accelerator(cfg: Config, project_dir: str | None = None):
         # cuBLAS needs this before the first CUDA call for deterministic matmuls
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # CPU-only DDP (gloo) is only set up when asked
         mixed_precision=resolve_mixed_precision(t.mixed_precision),
         gradient_accumulation_steps=t.grad_accum,
         log_with=trackers,

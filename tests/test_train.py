@@ -1,0 +1,180 @@
+"""seg train in one process: run folder, resume, checkpoints, errors, and its building blocks.
+
+Tiny U-Nets (base width 4) on 32 px crops of a few dozen synthetic images; the end-to-end
+runs start `python -m seg.train` as a subprocess (with a timeout), as a user would.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from seg.checkpoint import CheckpointError, load_checkpoint
+from seg.data.demo import make_demo_dataset
+from seg.data.prepare import prepare_dataset
+from seg.metrics import METRIC_NAMES
+from seg.training import data, history, state
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--image_size", "32", "--batch_size", "4", "model.base_channels=4", "data.num_workers=1"]
+
+
+def make_shards(root: Path, n: int = 40, size: int = 64, shard_size: int = 4) -> tuple[Path, dict]:
+    """Demo images -> shards with an odd number of validation samples; returns (folder, dataset.json)."""
+    raw = make_demo_dataset(root / "raw", n=n, size=size, seed=0)
+    for split in (0.25, 0.27, 0.3, 0.33, 0.2, 0.22):
+        out = root / f"shards{int(split * 100)}"
+        info = prepare_dataset(raw / "images", raw / "masks", out=out, val_split=split, shard_size=shard_size,
+                               workers=0, progress=False)
+        if info["splits"]["val"]["count"] % 2 == 1:
+            return out, info
+    raise AssertionError("no val_split gave an odd validation set")
+
+
+def run_train(args: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "seg.train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[Path, dict]:
+    return make_shards(tmp_path_factory.mktemp("train_data"))
+
+
+# ---- building blocks ------------------------------------------------------------------------
+
+def test_steps_per_epoch_covers_the_training_set():
+    assert data.steps_per_epoch(22, 4, 1, 1) == 6  # ceil(22 / 4)
+    assert data.steps_per_epoch(22, 4, 2, 1) == 3
+    assert data.steps_per_epoch(22, 4, 2, 2) == 2
+    assert data.steps_per_epoch(3, 8, 4, 1) == 1
+    assert data.steps_per_epoch(1000, 4, 1, 1, cap=5) == 5
+
+
+def test_history_roundtrip_drops_epochs_that_will_run_again(tmp_path):
+    report = {"global": {m: 0.5 for m in METRIC_NAMES}, "mean": {"dice": 0.4}}
+    rows = [history.epoch_row(e, 1.0 / e, 0.9, report, 1e-3, 2.0, 10) for e in (1, 2, 3)]
+    history.write_history(tmp_path, rows)
+    back = history.read_history(tmp_path, before_epoch=2)
+    assert [r["epoch"] for r in back] == [1, 2]
+    assert back[1]["train_loss"] == pytest.approx(0.5) and back[0]["images_per_s"] == pytest.approx(5.0)
+    with open(tmp_path / "history.csv") as fh:
+        assert tuple(next(csv.reader(fh))) == history.COLUMNS
+
+
+def test_preemption_flag_only_records_the_signal():
+    flag = state.PreemptionFlag().install()
+    try:
+        assert not flag.is_set
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.is_set and flag.signum == signal.SIGUSR1
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    assert state.PREEMPTED_EXIT_CODE == 75
+
+
+def test_rng_record_roundtrip_is_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    record = state.rng_record()
+    torch.save(record, tmp_path / "rng.pth")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    state.set_rng_record(torch.load(tmp_path / "rng.pth", weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_pickled_object_checkpoint_is_refused(tmp_path):
+    import argparse
+
+    path = tmp_path / "evil.pth"  # any object that needs code to unpickle
+    torch.save({"format": "seg-model", "state_dict": {}, "payload": argparse.Namespace(x=1)}, path)
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+
+# ---- errors before training -----------------------------------------------------------------
+
+def test_raw_folder_gets_the_prepare_command(tmp_path):
+    raw = make_demo_dataset(tmp_path / "raw", n=2, size=32)
+    proc = run_train(["--data_dir", str(raw), "--checkpoint_dir", str(tmp_path / "run")], timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "seg prepare --images" in proc.stderr and str(raw / "images") in proc.stderr
+
+
+def test_too_few_shards_for_workers_fails_before_training(shards, tmp_path):
+    folder, info = shards
+    n = len(info["splits"]["train"]["shards"])
+    proc = run_train(["--data_dir", str(folder), "--checkpoint_dir", str(tmp_path / "run"), *TINY,
+                      f"data.num_workers={n + 1}"], timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{n} training shard(s)" in proc.stderr and f"{n + 1} readers" in proc.stderr
+    assert "--shard_size" in proc.stderr and "--num_workers" in proc.stderr
+    assert not (tmp_path / "run" / "history.csv").exists()
+
+
+# ---- end to end -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_epochs_write_the_run_folder_then_resume_and_restart(shards, tmp_path):
+    folder, info = shards
+    run = tmp_path / "run"
+    args = ["--data_dir", str(folder), "--checkpoint_dir", str(run), "--epochs", "2", "--save_every", "1",
+            "--scheduler", "cosine", *TINY]
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("config.yaml", "history.csv", "best_model.pth", "final_model.pth", "checkpoint_epoch_1.pth",
+                 "checkpoint_epoch_2.pth", "training_history.png", "sample_predictions.png", "provenance.json",
+                 "last/state.pth", "last/progress.json"):
+        assert (run / name).is_file(), name
+    for png in ("training_history.png", "sample_predictions.png"):
+        assert (run / png).read_bytes()[:8] == PNG_MAGIC
+    rows = history.read_history(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(set(history.COLUMNS) <= set(r) for r in rows)
+    assert rows[1]["lr"] < rows[0]["lr"]  # cosine schedule stepped
+    assert "epoch 2/2" in proc.stdout and "dice" in proc.stdout
+
+    ckpt = torch.load(run / "final_model.pth", weights_only=True)
+    assert ckpt["preprocess"] == {"image_size": 32, "in_channels": 3, "mean": ckpt["preprocess"]["mean"],
+                                  "std": ckpt["preprocess"]["std"], "sampling": "resize"}
+    assert ckpt["epoch"] == 2 and ckpt["model"]["base_channels"] == 4
+    assert ckpt["provenance"]["world_size"] == 1 and len(ckpt["provenance"]["dataset_json_sha256"]) == 64
+    assert ckpt["config"]["train"]["epochs"] == 2
+    torch.load(run / "last" / "state.pth", weights_only=True)  # resumable state is weights_only too
+
+    mtime = (run / "history.csv").stat().st_mtime_ns
+    again = run_train(args)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert (run / "history.csv").stat().st_mtime_ns == mtime
+
+    fresh = run_train([*args, "--no_resume", "--epochs", "1"])
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert [r["epoch"] for r in history.read_history(run)] == [1]
+
+
+@pytest.mark.slow
+def test_raising_epochs_continues_a_finished_run(shards, tmp_path):
+    folder, _ = shards
+    run = tmp_path / "run"
+    base = ["--data_dir", str(folder), "--checkpoint_dir", str(run), *TINY, "train.max_steps_per_epoch=2"]
+    assert run_train([*base, "--epochs", "1"]).returncode == 0
+    proc = run_train([*base, "--epochs", "2"])
+    assert proc.returncode == 0 and "resuming" in proc.stdout, proc.stderr[-2000:]
+    assert [r["epoch"] for r in history.read_history(run)] == [1, 2]
