@@ -117,3 +117,17 @@ def test_explicit_tile_size_on_resize_checkpoint(ckpt):
     assert p.mode == "tile"
     prob = p.predict_probabilities([random_image(70, 45, seed=8)])[0]
     assert prob.shape == (70, 45) and 0 <= prob.min() <= prob.max() <= 1
+
+
+@pytest.mark.parametrize("in_channels, channels, dtype", [(3, 3, np.uint8), (3, 1, np.uint16), (1, 3, np.uint8)])
+def test_prediction_preprocessing_equals_training_eval_transform(tmp_path, in_channels, channels, dtype):
+    """Train/predict parity: the engine's CPU half gives the numbers seg.data.transforms gives."""
+    from seg.data.transforms import build_eval_transform
+
+    ck = make_checkpoint(tmp_path / "m.pth", in_channels=in_channels, image_size=32)
+    p = Predictor(ck, device="cpu", precision="fp32")
+    pre = p.preprocess
+    reference = build_eval_transform(pre["image_size"], pre["mean"], pre["std"], in_channels, "resize")
+    image = random_image(45, 61, channels=channels, dtype=dtype, seed=9)
+    expected, _ = reference(image)
+    np.testing.assert_allclose(p.prepare(image), expected.numpy(), atol=1e-5)
