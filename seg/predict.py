@@ -110,6 +110,8 @@ def _cohort(args, predictor, out_dir) -> int:
                       overwrite=args.overwrite, progress=not args.no_progress, position=read_dist_env().local_rank)
     s = CohortRun(predictor, units, worker, num_workers, opts).run()
     first = f"; first batch {s['first_batch_s']:.2f} s after start" if s["first_batch_s"] is not None else ""
+    if s["steady_images_per_s"] is not None:
+        first += f", then {s['steady_images_per_s']:.2f} images/s"
     print(f"worker {worker + 1}/{num_workers}: {s['images']} images, {s['failures']} failures, {s['seconds']:.1f} s, "
           f"{s['images_per_s']:.2f} images/s ({s['units']} units done, {s['skipped_units']} already finished){first}",
           flush=True)

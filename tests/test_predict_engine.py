@@ -130,4 +130,8 @@ def test_prediction_preprocessing_equals_training_eval_transform(tmp_path, in_ch
     reference = build_eval_transform(pre["image_size"], pre["mean"], pre["std"], in_channels, "resize")
     image = random_image(45, 61, channels=channels, dtype=dtype, seed=9)
     expected, _ = reference(image)
-    np.testing.assert_allclose(p.prepare(image), expected.numpy(), atol=1e-5)
+    prepared = p.prepare(image)
+    assert prepared.dtype == dtype
+    np.testing.assert_allclose(p.normalise(prepared[None])[0], expected.numpy(), atol=1e-5)
+    # normalising on the device gives the same probabilities as normalising in numpy
+    np.testing.assert_allclose(p.forward_raw(prepared[None]), p.forward(p.normalise(prepared[None])), atol=1e-5)

@@ -20,8 +20,10 @@ Design choices:
   resolution by overlapping Gaussian-weighted tiles (``seg.inference.tiling``); memory is
   bounded by tile x batch, not image size.
 - The work is split in three steps so the cohort pipeline can run them in different places:
-  ``prepare`` (CPU, numpy, runs in DataLoader worker processes), ``forward`` (the model, in the
-  main process) and ``restore`` (resize back; runs in writer threads, OpenCV releases the GIL).
+  ``prepare`` (channels and resize, numpy, in DataLoader worker processes; pixels stay
+  uint8/uint16, 4x less to move than float32), ``forward_raw`` (scaling, mean/std and the
+  model, on the device, in the main process) and ``restore`` (resize back; in writer threads,
+  OpenCV releases the GIL).
 - Forward: ``torch.inference_mode``, ``channels_last`` and autocast. ``precision='auto'``
   picks bf16 where the device supports it (CUDA with bf16, or a CPU whose oneDNN has bf16
   kernels), fp16 on older CUDA GPUs, fp32 otherwise. Outputs are always float32 probabilities.
@@ -131,19 +133,20 @@ class Preprocessor:
         return np.ascontiguousarray(x)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """The CPU part of prediction for one decoded image.
+        """The CPU part of prediction for one decoded image: channels, and size in resize mode.
+
+        Pixels stay in their raw dtype (4x smaller than float32 to move between processes);
+        ``normalise`` (numpy) or ``Predictor.forward_raw`` (on the device) scales them.
 
         Shape:
-            ``(H, W)`` or ``(H, W, 3)`` -> resize mode: ``(C, S, S)`` float32 normalised network
-            input (S = image_size); tile mode: the image in the model's channel layout, raw dtype.
+            ``(H, W)`` or ``(H, W, 3)`` -> ``(S, S[, 3])`` in resize mode (S = image_size),
+            ``(H, W[, 3])`` in tile mode; ``[, 3]`` when the model has 3 input channels.
         """
         image = model_channels(image, self.in_channels)
-        if self.mode == "tile":
-            return image
         s = self.image_size
-        if image.shape[:2] != (s, s):
+        if self.mode == "resize" and image.shape[:2] != (s, s):
             image = cv2.resize(image, (s, s), interpolation=cv2.INTER_LINEAR)
-        return self.normalise(image[None])[0]
+        return np.ascontiguousarray(image)
 
 
 class Predictor:
@@ -218,6 +221,29 @@ class Predictor:
             logits = self.model(x)
         return logits.float().sigmoid()[:, 0]
 
+    def forward_raw(self, raw: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Probabilities for a batch of prepared raw images, normalised on the device.
+
+        ``channels_last`` comes free: the NHWC pixels permuted to NCHW are channels-last.
+
+        Shape:
+            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 (one dtype) -> ``(N, H, W)`` float32.
+        """
+        x = torch.as_tensor(raw)
+        if x.dtype not in (torch.uint8, torch.uint16):
+            raise TypeError(f"forward_raw expects uint8 or uint16 pixels, got {x.dtype}")
+        scale = 255.0 if x.dtype == torch.uint8 else 65535.0
+        mean = torch.as_tensor(self.preprocessor.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.preprocessor.std, device=self.device).view(1, -1, 1, 1)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], self.batch_size):
+                chunk = x[i:i + self.batch_size].to(self.device, non_blocking=True)
+                chunk = chunk[:, None] if chunk.ndim == 3 else chunk.permute(0, 3, 1, 2)
+                chunk = (chunk.float() / scale - mean) / std
+                out.append(self.forward(chunk))
+        return np.concatenate(out) if out else np.zeros((0,) + tuple(x.shape[1:3]), np.float32)
+
     def forward(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Probabilities for a batch of network inputs (split into ``batch_size`` chunks).
 
@@ -229,7 +255,7 @@ class Predictor:
         with torch.inference_mode():
             for i in range(0, x_all.shape[0], self.batch_size):
                 x = x_all[i:i + self.batch_size].to(self.device, non_blocking=True)
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)  # no copy when already so
                 if self.tta:
                     prob = self._probabilities(x)
                     prob += self._probabilities(x.flip(-1)).flip(-1)
@@ -243,8 +269,7 @@ class Predictor:
 
     def predict_tiled(self, prepared: np.ndarray) -> np.ndarray:
         """Tile-mode probabilities of one prepared image. Shape: ``(H, W[, C]) -> (H, W)``."""
-        return predict_tiled(prepared, self.normalise, self.forward, self.tile_size,
-                             self.tile_overlap, self.batch_size)
+        return predict_tiled(prepared, self.forward_raw, self.tile_size, self.tile_overlap, self.batch_size)
 
     def predict_probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Probability maps of decoded images at their original sizes.
@@ -261,7 +286,11 @@ class Predictor:
         results = []
         for i in range(0, len(images), self.batch_size):
             chunk = images[i:i + self.batch_size]
-            probs = self.forward(np.stack([self.prepare(image) for image in chunk]))
+            prepared = [self.prepare(image) for image in chunk]
+            if len({p.dtype for p in prepared}) > 1:  # 8- and 16-bit mixed: scale each on its own
+                probs = np.concatenate([self.forward_raw(p[None]) for p in prepared])
+            else:
+                probs = self.forward_raw(np.stack(prepared))
             results += [self.restore(p, image.shape[:2]) for p, image in zip(probs, chunk)]
         return results
 

@@ -12,8 +12,9 @@ Design choices:
   sample rule as training) and decoded by ``seg.data.shards.decode_sample``. A shard that
   breaks mid-way (truncated tar) keeps the samples read before and records a failure for the
   rest.
-- Only the preprocessed network input travels to the main process, plus the original image
-  when overlays are requested; masks in labelled shards are ignored (prediction does not need
+- Only the prepared raw pixels (channels adapted, resized in resize mode, still uint8/uint16)
+  travel to the main process, as tensors, which the DataLoader passes through shared memory
+  rather than pickling; plus the original image when overlays are requested; masks in labelled shards are ignored (prediction does not need
   them). Batches are formed in the main process (``batch_size=None`` here), so end-of-unit
   markers are never held back inside a batch.
 - Each worker process runs with one torch and one OpenCV thread: parallelism comes from the
@@ -36,9 +37,9 @@ class Item(NamedTuple):
     unit: int
     source: str
     rel: str  # sanitised output stem
-    x: np.ndarray  # prepared network input (resize mode) or raw image (tile mode)
+    x: torch.Tensor  # prepared raw pixels (Preprocessor.prepare), uint8/uint16
     size: tuple[int, int]  # original (H, W)
-    image: np.ndarray | None  # original image, only for overlays
+    image: torch.Tensor | None  # original image, only for overlays
 
 
 class Failure(NamedTuple):
@@ -75,8 +76,8 @@ class UnitStream(torch.utils.data.IterableDataset):
         self.units, self.pre, self.keep_image = units, preprocessor, keep_image
 
     def _item(self, unit: Unit, source: str, rel: str, image: np.ndarray) -> Item:
-        return Item(unit.index, source, rel, self.pre.prepare(image), tuple(image.shape[:2]),
-                    image if self.keep_image else None)
+        return Item(unit.index, source, rel, torch.from_numpy(self.pre.prepare(image)), tuple(image.shape[:2]),
+                    torch.from_numpy(image) if self.keep_image else None)
 
     def _files(self, unit: Unit) -> Iterator:
         done = failed = 0

@@ -106,6 +106,7 @@ class CohortRun:
         self.by_index = {u.index: u for u in units}
         self.images = self.failures = self.done_units = 0
         self.first_batch_s: float | None = None
+        self._steady_from: tuple[float, int] | None = None  # (time, images) when the first batch was done
 
     def _state(self, index: int) -> UnitState:
         if index not in self.states:
@@ -139,9 +140,9 @@ class CohortRun:
     def _flush(self, pending: list[Item], writers: Writers) -> None:
         if not pending:
             return
-        import numpy as np
+        import torch
 
-        probs = self.p.forward(np.stack([it.x for it in pending]))
+        probs = self.p.forward_raw(torch.stack([it.x for it in pending]))
         self._mark_first_batch()
         for it, prob in zip(pending, probs):
             self._state(it.unit).futures.append(writers.submit(self._state(it.unit).sink, it.source, it.rel,
@@ -151,6 +152,13 @@ class CohortRun:
     def _mark_first_batch(self) -> None:
         if self.first_batch_s is None:
             self.first_batch_s = process_age()
+            self._steady_from = (time.perf_counter(), self.images)
+
+    def _steady_rate(self, end: float) -> float | None:
+        """Images/s after the first batch (start-up, model load and worker start excluded)."""
+        if self._steady_from is None or end <= self._steady_from[0] or self.images <= self._steady_from[1]:
+            return None
+        return round((self.images - self._steady_from[1]) / (end - self._steady_from[0]), 3)
 
     def plan(self) -> tuple[list[Unit], list[dict]]:
         """(units to do, manifest records of this worker's finished units)."""
@@ -183,12 +191,14 @@ class CohortRun:
                     self.images += 1
                     bar.update(1)
                     if self.p.mode == "tile":
-                        prob = self.p.predict_tiled(rec.x)
+                        prob = self.p.predict_tiled(rec.x.numpy())
                         self._mark_first_batch()
                         state = self._state(rec.unit)
                         state.futures.append(writers.submit(state.sink, rec.source, rec.rel, prob, rec.size, rec.image))
                     else:
                         self._state(rec.unit)
+                        if pending and pending[0].x.dtype != rec.x.dtype:  # 8- and 16-bit scale differently
+                            self._flush(pending, writers)
                         pending.append(rec)
                         if len(pending) >= self.p.batch_size:
                             self._flush(pending, writers)
@@ -211,9 +221,11 @@ class CohortRun:
         finally:
             writers.pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
+        seconds = end - start
         old_failures = sum(len(r.get("failed", [])) for r in skipped)
         return {"worker": self.worker, "num_workers": self.num_workers, "units": self.done_units,
                 "skipped_units": len(skipped), "images": self.images, "failures": self.failures + old_failures,
                 "seconds": round(seconds, 3), "images_per_s": round(self.images / seconds, 3) if seconds else 0.0,
-                "first_batch_s": None if self.first_batch_s is None else round(self.first_batch_s, 3)}
+                "first_batch_s": None if self.first_batch_s is None else round(self.first_batch_s, 3),
+                "steady_images_per_s": self._steady_rate(end)}

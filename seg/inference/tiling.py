@@ -17,7 +17,7 @@ Design choices:
   the weighted-probability sum is accumulated (one float32 HxW array), then divided row by row.
   Peak memory is the raw image + one float32 HxW + ``batch`` tiles, never a float copy of the
   whole image: tiles are cut from the raw ``uint8``/``uint16`` array and normalised one batch at
-  a time (8192x8192 RGB: 192 MiB image + 256 MiB accumulator).
+  a time by ``forward`` (8192x8192 RGB: 192 MiB image + 256 MiB accumulator).
 """
 
 from __future__ import annotations
@@ -50,17 +50,15 @@ def gaussian_1d(tile: int, sigma_scale: float = 1 / 8, floor: float = 1e-3) -> n
     return np.maximum(w / w.max(), floor).astype(np.float32)
 
 
-def predict_tiled(image: np.ndarray, normalise: Callable[[np.ndarray], np.ndarray],
-                  forward: Callable[[np.ndarray], np.ndarray], tile: int, overlap: float = 0.25,
-                  batch_size: int = 4) -> np.ndarray:
+def predict_tiled(image: np.ndarray, forward: Callable[[np.ndarray], np.ndarray], tile: int,
+                  overlap: float = 0.25, batch_size: int = 4) -> np.ndarray:
     """Probabilities of a whole image from overlapping, Gaussian-weighted tiles.
 
     Args:
         image: the raw image, ``(H, W)`` or ``(H, W, C)``, any dtype (already in the model's
             channel layout).
-        normalise: maps a batch of raw tiles ``(N, tile, tile[, C])`` to the float32 network
-            input ``(N, C, tile, tile)``.
-        forward: maps a network input batch to probabilities ``(N, tile, tile)`` float32.
+        forward: maps a batch of raw tiles ``(N, tile, tile[, C])`` to probabilities
+            ``(N, tile, tile)`` float32 (normalisation is its business).
         tile: tile side in pixels.
         overlap: fraction of a tile shared with its neighbour, in ``[0, 1)``.
         batch_size: tiles per forward.
@@ -93,7 +91,7 @@ def predict_tiled(image: np.ndarray, normalise: Callable[[np.ndarray], np.ndarra
     for i in range(0, len(coords), batch_size):
         chunk = coords[i:i + batch_size]
         raw = np.stack([image[y:y + tile, x:x + tile] for y, x in chunk])
-        prob = forward(normalise(raw))
+        prob = forward(raw)
         for (y, x), p in zip(chunk, prob):
             acc[y:y + tile, x:x + tile] += p * g2
     acc /= weight_y[:, None]

@@ -160,6 +160,7 @@ class Writers:
     def _job(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
              image: np.ndarray | None) -> dict:
         prob = Predictor.restore(prob, size)
+        image = image.numpy() if hasattr(image, "numpy") else image
         files, fg = encode_outputs(prob, self.threshold, image, self.overlay, self.probability)
         for suffix, data in files.items():
             sink.write(rel + suffix, data)
