@@ -5,7 +5,11 @@ Design choices:
 - Accelerate owns devices, DDP and mixed precision. It reads the torchrun environment itself
   (``torchrun``, ``accelerate launch`` and a plain single process all work); ``seg.dist`` is
   still called first so that a half-set environment is a clear error rather than a hang.
-  DDP runs over gloo on CPU and NCCL on GPU, as Accelerate chooses.
+  DDP runs over gloo on CPU and NCCL on GPU, as Accelerate chooses. On a machine without
+  CUDA the Accelerator is built with ``cpu=True`` (without it Accelerate ignores a multi-process
+  CPU environment). Accelerate's own ``launch --cpu --num_processes N`` starts a single process
+  unless mpirun is used; ``accelerate launch --multi_gpu --num_processes N`` (its torchrun-based
+  launcher) gives N CPU processes over gloo on a machine without GPUs. A warning says so.
 - ``mixed_precision='auto'`` means bf16 wherever the hardware has it (CPU included: bf16
   autocast + channels_last is ~3x the fp32 step on this project's reference CPU), fp16 with a
   gradient scaler on GPUs without bf16, and fp32 ('no') on request.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -82,6 +87,12 @@ def build_accelerator(cfg: Config, project_dir: str | None = None):
         project_dir=project_dir,
     )
     set_seed(t.seed, deterministic=t.deterministic)
+    if accelerator.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" \
+            and "MASTER_PORT" in os.environ:
+        warnings.warn("`accelerate launch --cpu --num_processes N` starts ONE process (Accelerate needs mpirun "
+                      "for several CPU processes): this run is single-process. For N CPU processes over gloo use "
+                      "`accelerate launch --multi_gpu --num_processes N ...` (on a machine without GPUs it runs "
+                      "on CPU) or `torchrun --nproc_per_node N -m seg.train ...`", stacklevel=2)
     return accelerator
 
 
