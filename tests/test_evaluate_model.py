@@ -68,17 +68,34 @@ def expected_counts(root: Path, ckpt: Path, threshold: float) -> dict[str, np.nd
 
 def run(tmp_path, data_dir, ckpt, *extra) -> dict:
     out = tmp_path / "out"
+    if out.exists():
+        for f in out.iterdir():
+            f.unlink()
     argv = ["--model_path", str(ckpt), "--data_dir", str(data_dir), "--output_dir", str(out),
             "--precision", "fp32", "--device", "cpu", "--batch_size", "3", "--no_progress", *extra]
     assert main(argv) == 0
     return json.loads((out / "evaluation_report.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def reports(labelled, tmp_path_factory):
+    """Model-mode runs shared by the tests (each costs seconds on a busy CPU): name -> (report, folder)."""
+    root, ckpt = labelled
+    cache: dict = {}
+
+    def get(name: str, data_dir, *extra):
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(name)
+            cache[name] = (run(folder, data_dir, ckpt, *extra), folder / "out")
+        return cache[name]
+    return get
+
+
 @pytest.mark.slow
-def test_model_mode_on_prepared_shards(labelled, tmp_path):
+def test_model_mode_on_prepared_shards(labelled, reports):
     root, ckpt = labelled
     info = json.loads((root / "shards" / "dataset.json").read_text())
-    report = run(tmp_path, root / "shards", ckpt)
+    report, out = reports("val", root / "shards")
     assert list(report) == DESIGN_KEYS + ["best_threshold"]
     assert report["threshold"] == 0.5 and report["n_images"] == info["splits"]["val"]["count"]
     expected = expected_counts(root, ckpt, 0.5)
@@ -99,20 +116,19 @@ def test_model_mode_on_prepared_shards(labelled, tmp_path):
     assert report["best_threshold"] == {"threshold": SWEEP_THRESHOLDS[best], "dice": pytest.approx(pooled[best])}
     for name in ("threshold_sweep.png", "confusion_matrix.png", "metrics_distribution.png", "metrics_summary.png",
                  "sample_predictions.png", "worst_cases.png"):
-        img = cv2.imread(str(tmp_path / "out" / name))
+        img = cv2.imread(str(out / name))
         assert img is not None and min(img.shape[:2]) > 200, name
-    text = (tmp_path / "out" / "evaluation_report.txt").read_text()
+    text = (out / "evaluation_report.txt").read_text()
     assert "threshold sweep" in text and "<- best" in text
 
 
 @pytest.mark.slow
-def test_sources_agree_and_threshold_override(labelled, tmp_path):
+def test_sources_agree_and_threshold_override(labelled, reports, tmp_path):
     root, ckpt = labelled
-    val = run(tmp_path, root / "shards", ckpt)
     pattern = run(tmp_path, str(root / "shards" / "val-*.tar"), ckpt)
-    assert pattern == val
+    assert pattern == reports("val", root / "shards")[0]
     everything = run(tmp_path, root / "shards", ckpt, "--split", "all")
-    raw = run(tmp_path, root / "raw", ckpt)                 # images/ + masks/ folder
+    raw = reports("raw", root / "raw")[0]                    # images/ + masks/ folder
     assert everything == raw and raw["n_images"] == 8
     low = run(tmp_path, root / "raw", ckpt, "--threshold", "0.3")
     assert low["threshold"] == 0.3
@@ -122,7 +138,7 @@ def test_sources_agree_and_threshold_override(labelled, tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_then_evaluate_pred_dir_equals_model_mode(labelled, tmp_path):
+def test_predict_then_evaluate_pred_dir_equals_model_mode(labelled, reports, tmp_path):
     from seg.predict import main as predict_main
 
     root, ckpt = labelled
@@ -130,7 +146,7 @@ def test_predict_then_evaluate_pred_dir_equals_model_mode(labelled, tmp_path):
     assert predict_main(["--model_path", str(ckpt), "--image_dir", str(root / "raw" / "images"),
                          "--output_dir", str(preds), "--precision", "fp32", "--device", "cpu",
                          "--num_workers", "0", "--no_progress", "--save_overlay"]) == 0
-    model_mode = run(tmp_path, root / "raw", ckpt)
+    model_mode = reports("raw", root / "raw")[0]
     out = tmp_path / "masks_out"
     assert main(["--pred_dir", str(preds), "--gt_dir", str(root / "raw" / "masks"),
                  "--image_dir", str(root / "raw" / "images"), "--output_dir", str(out), "--no_progress"]) == 0
