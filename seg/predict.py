@@ -109,7 +109,8 @@ def _cohort(args, predictor, out_dir) -> int:
                       loader_workers=args.num_workers, writer_threads=args.writer_threads,
                       overwrite=args.overwrite, progress=not args.no_progress, position=read_dist_env().local_rank)
     s = CohortRun(predictor, units, worker, num_workers, opts).run()
-    first = f"; first batch {s['first_batch_s']:.2f} s after start" if s["first_batch_s"] is not None else ""
+    first = (f"; first batch in the model {s['first_batch_start_s']:.2f} s after start, done at "
+             f"{s['first_batch_s']:.2f} s") if s["first_batch_s"] is not None else ""
     if s["steady_images_per_s"] is not None:
         first += f", then {s['steady_images_per_s']:.2f} images/s"
     print(f"worker {worker + 1}/{num_workers}: {s['images']} images, {s['failures']} failures, {s['seconds']:.1f} s, "

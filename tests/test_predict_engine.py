@@ -43,6 +43,17 @@ def test_resize_mode_matches_manual_pipeline(ckpt):
     np.testing.assert_allclose(p.predict_probabilities([image])[0], ref, atol=1e-5)
 
 
+def test_folded_batchnorm_computes_the_checkpoint_model(ckpt):
+    from seg.checkpoint import model_from_checkpoint
+
+    p = Predictor(ckpt, device="cpu", precision="fp32")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in p.model.modules())
+    x = torch.from_numpy(p.normalise(random_image(32, 32, seed=11)[None]))
+    with torch.no_grad():
+        reference = torch.sigmoid(model_from_checkpoint(load_checkpoint(ckpt))(x))[:, 0].numpy()
+    np.testing.assert_allclose(p.forward(x), reference, atol=1e-5)
+
+
 def test_batching_does_not_change_results(ckpt):
     images = [random_image(30 + i, 40, seed=i) for i in range(5)]
     one = Predictor(ckpt, device="cpu", precision="fp32", batch_size=1).predict_probabilities(images)

@@ -24,7 +24,8 @@ Design choices:
   uint8/uint16, 4x less to move than float32), ``forward_raw`` (scaling, mean/std and the
   model, on the device, in the main process) and ``restore`` (resize back; in writer threads,
   OpenCV releases the GIL).
-- Forward: ``torch.inference_mode``, ``channels_last`` and autocast. ``precision='auto'``
+- Forward: ``torch.inference_mode``, ``channels_last``, BatchNorm folded into the preceding
+  convolutions (``fold_batchnorm``), and autocast. ``precision='auto'``
   picks bf16 where the device supports it (CUDA with bf16, or a CPU whose oneDNN has bf16
   kernels), fp16 on older CUDA GPUs, fp32 otherwise. Outputs are always float32 probabilities.
 - ``tta=True`` averages the probabilities of the image and its horizontal, vertical and double
@@ -89,6 +90,25 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             return torch.bfloat16
         return None
     return torch.bfloat16 if precision == "bf16" else None
+
+
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every eval-mode BatchNorm that directly follows a convolution into that convolution.
+
+    conv -> BN becomes one conv with a bias (BN replaced by ``Identity``): the same function in
+    eval mode (to ~1e-7), one memory pass less per layer, which is most of a small model's time
+    on a CPU. The model is changed in place and returned.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Sequential):
+            layers = list(module)
+            for i in range(len(layers) - 1):
+                if isinstance(layers[i], torch.nn.Conv2d) and isinstance(layers[i + 1], torch.nn.BatchNorm2d):
+                    module[i] = fuse_conv_bn_eval(layers[i], layers[i + 1])
+                    module[i + 1] = torch.nn.Identity()
+    return model
 
 
 def weights_sha256(state_dict: dict) -> str:
@@ -194,7 +214,7 @@ class Predictor:
                                          self.preprocess["mean"], self.preprocess["std"])
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
-        model = model_from_checkpoint(ckpt).to(self.device)
+        model = fold_batchnorm(model_from_checkpoint(ckpt)).to(self.device)
         self.model = model.to(memory_format=torch.channels_last).eval()
 
     # ---- CPU side: delegated to the picklable Preprocessor (DataLoader workers use it) --------

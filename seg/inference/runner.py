@@ -106,6 +106,7 @@ class CohortRun:
         self.by_index = {u.index: u for u in units}
         self.images = self.failures = self.done_units = 0
         self.first_batch_s: float | None = None
+        self.first_batch_start_s: float | None = None
         self._steady_from: tuple[float, int] | None = None  # (time, images) when the first batch was done
 
     def _state(self, index: int) -> UnitState:
@@ -142,7 +143,10 @@ class CohortRun:
             return
         import torch
 
-        probs = self.p.forward_raw(torch.stack([it.x for it in pending]))
+        batch = torch.stack([it.x for it in pending])
+        if self.first_batch_start_s is None:
+            self.first_batch_start_s = process_age()
+        probs = self.p.forward_raw(batch)
         self._mark_first_batch()
         for it, prob in zip(pending, probs):
             self._state(it.unit).futures.append(writers.submit(self._state(it.unit).sink, it.source, it.rel,
@@ -191,6 +195,8 @@ class CohortRun:
                     self.images += 1
                     bar.update(1)
                     if self.p.mode == "tile":
+                        if self.first_batch_start_s is None:
+                            self.first_batch_start_s = process_age()
                         prob = self.p.predict_tiled(rec.x.numpy())
                         self._mark_first_batch()
                         state = self._state(rec.unit)
@@ -228,4 +234,5 @@ class CohortRun:
                 "skipped_units": len(skipped), "images": self.images, "failures": self.failures + old_failures,
                 "seconds": round(seconds, 3), "images_per_s": round(self.images / seconds, 3) if seconds else 0.0,
                 "first_batch_s": None if self.first_batch_s is None else round(self.first_batch_s, 3),
+                "first_batch_start_s": None if self.first_batch_start_s is None else round(self.first_batch_start_s, 3),
                 "steady_images_per_s": self._steady_rate(end)}
