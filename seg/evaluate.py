@@ -13,7 +13,12 @@ Examples::
 Writes to ``--output_dir``: evaluation_report.json (DESIGN.md keys; model mode adds
 ``best_threshold``), evaluation_report.txt, confusion_matrix.png, metrics_distribution.png,
 metrics_summary.png, sample_predictions.png, worst_cases.png, and in model mode
-threshold_sweep.png. The work lives in ``seg.evaluation``; this module parses flags.
+threshold_sweep.png. ``threshold`` in the JSON is the probability threshold applied to the model
+(the checkpoint's, or ``--threshold``); with ``--pred_dir`` predictions are binary masks (any
+value > 0 is foreground) and it is ``null``. ``best_threshold`` (model mode only) is the threshold
+of 0.05, 0.10, ..., 0.95 with the highest global Dice: ``{"threshold": t, "dice": d}``.
+Under torchrun each rank scores images ``i mod world_size`` and rank 0 writes everything.
+The work lives in ``seg.evaluation``; this module parses flags.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
     p = argparse.ArgumentParser(prog="seg evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=Formatter)
     masks = p.add_argument_group("existing masks")
     masks.add_argument("--pred_dir", help="predicted masks (recursive; x.png or x_mask.png pairs with truth x.*)")
     masks.add_argument("--gt_dir", help="ground-truth masks (recursive; any value > 0 is foreground)")
@@ -37,13 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--split", default="val", choices=("val", "train", "all"),
                        help="split of a `seg prepare` folder to evaluate")
     model.add_argument("--threshold", type=float, default=None,
-                       help="probability threshold (default: the checkpoint's)")
+                       help="probability threshold; None = the checkpoint's")
     model.add_argument("--batch_size", type=int, default=8, help="images per forward")
     model.add_argument("--device", default="auto", help="auto (this rank's GPU, else CPU), cpu, cuda, cuda:1, ...")
     model.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="autocast precision")
     model.add_argument("--tta", action="store_true", help="average horizontal/vertical flips")
     model.add_argument("--tile_size", type=int, default=None,
-                       help="predict at native resolution with tiles of this side (default: the checkpoint's mode)")
+                       help="predict at native resolution with tiles of this side (None: as the checkpoint was trained)")
     p.add_argument("--output_dir", default="evaluation", help="folder for the report and plots")
     p.add_argument("--worst_k", type=int, default=8, help="lowest-Dice images shown in worst_cases.png")
     p.add_argument("--num_samples", type=int, default=4, help="images shown in sample_predictions.png")

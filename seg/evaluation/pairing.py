@@ -110,9 +110,11 @@ def pair_masks(pred_dir: str | Path, gt_dir: str | Path, image_dir: str | Path |
         raise ValueError(f"--gt_dir {gt_dir} holds no mask files ({', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
     missing = sorted(set(truths) - set(preds))
     if len(missing) == len(truths):
+        tars = "" if preds or not any(pred_dir.glob("*.tar")) else (
+            "; --pred_dir holds tar files (seg predict --format tar): extract them (tar -xf) into a folder first")
         raise ValueError(
             f"no prediction in --pred_dir {pred_dir} pairs with a truth in --gt_dir {gt_dir} "
-            f"({len(preds)} prediction and {len(truths)} truth files found); {NAMING_RULE}"
+            f"({len(preds)} prediction and {len(truths)} truth files found); {NAMING_RULE}{tars}"
         )
     if missing:
         raise ValueError(

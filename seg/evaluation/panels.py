@@ -8,6 +8,7 @@ Design choices:
   (predicted, not in the truth), false negative blue (missed), on the image dimmed to grey, or
   on black when no image is available (``--pred_dir`` without ``--image_dir``). A legend says
   so on the figure.
+- Model mode adds the probability map (colour scale 0..1) between truth and prediction.
 - Each tile is titled with the image id (shortened from the left if long), its Dice and its
   FP/FN pixel counts at the original size.
 """
@@ -66,17 +67,24 @@ def _counts_note(report: dict) -> dict[str, str]:
 def sample_predictions(samples: list[Thumbnail], report: dict, path: Path) -> Path:
     """One row per sample: image (when known), truth, prediction, errors."""
     with_image = any(s.image is not None for s in samples)
-    columns = (["image"] if with_image else []) + ["ground truth", "prediction", "errors (TP / FP / FN)"]
+    with_prob = any(s.prob is not None for s in samples)
+    columns = ((["image"] if with_image else []) + ["ground truth"] + (["probability"] if with_prob else [])
+               + ["prediction", "errors (TP / FP / FN)"])
     rows = max(1, len(samples))
     fig = Figure(figsize=(3.3 * len(columns), 3.2 * rows + 0.9))
     axes = np.array(fig.subplots(rows, len(columns), squeeze=False))
     notes = _counts_note(report)
     for r, s in enumerate(samples):
-        tiles = ([_rgb(s.image, s.truth.shape)] if with_image else []) + [s.truth, s.pred, error_overlay(s)]
+        tiles = (([_rgb(s.image, s.truth.shape)] if with_image else []) + [s.truth]
+                 + ([s.prob if s.prob is not None else np.zeros(s.truth.shape, np.uint8)] if with_prob else [])
+                 + [s.pred, error_overlay(s)])
         for c, (tile, name) in enumerate(zip(tiles, columns)):
             ax = axes[r, c]
-            ax.imshow(tile, cmap="gray" if tile.ndim == 2 else None, vmin=0, vmax=1 if tile.dtype == bool else 255,
-                      interpolation="nearest")
+            cmap = "magma" if name == "probability" else "gray" if tile.ndim == 2 else None
+            shown = ax.imshow(tile, cmap=cmap, vmin=0, vmax=1 if tile.dtype == bool else 255, interpolation="nearest")
+            if name == "probability":  # a scale on every row keeps the tiles the same size
+                bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, ticks=[0, 127.5, 255])
+                bar.ax.set_yticklabels(["0", "0.5", "1"])
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

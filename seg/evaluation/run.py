@@ -48,7 +48,7 @@ def _bar(env: DistEnv, total: int | None, enabled: bool, desc: str):
 
 def _score_masks(source: MaskPairs, scores: RankScores, env: DistEnv, opts: Options) -> None:
     with _bar(env, source.count_for(env.rank, env.world_size), opts.progress,
-              f"evaluate rank 0/{env.world_size}") as bar:
+              "evaluate" + (f" (rank 0 of {env.world_size})" if env.is_distributed else "")) as bar:
         for item in source.assigned(env.rank, env.world_size, opts.workers):
             scores.add(item.index, item.key, item.truth, pred=item.pred, image=item.image_loader)
             bar.update(1)
@@ -67,7 +67,7 @@ def _batches(items: Iterable[Scorable], size: int):
 
 def _score_model(source: LabelledImages, predictor, scores: RankScores, env: DistEnv, opts: Options) -> None:
     with _bar(env, source.count_for(env.rank, env.world_size), opts.progress,
-              f"predict+evaluate rank 0/{env.world_size}") as bar:
+              "predict+evaluate" + (f" (rank 0 of {env.world_size})" if env.is_distributed else "")) as bar:
         for batch in _batches(source.assigned(env.rank, env.world_size, opts.workers), predictor.batch_size):
             probs = predictor.predict_probabilities([item.image for item in batch])
             for item, prob in zip(batch, probs):

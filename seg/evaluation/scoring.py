@@ -88,12 +88,15 @@ class Thumbnail:
     pred: np.ndarray
     image: np.ndarray | None = None
     size: tuple[int, int] = (0, 0)  # original (height, width)
+    prob: np.ndarray | None = None  # uint8 probability x 255 (model mode)
 
     @classmethod
-    def make(cls, key: str, dice: float, truth: np.ndarray, pred: np.ndarray, image: np.ndarray | None) -> "Thumbnail":
+    def make(cls, key: str, dice: float, truth: np.ndarray, pred: np.ndarray, image: np.ndarray | None,
+             prob: np.ndarray | None = None) -> "Thumbnail":
         small = lambda m: _thumb(m.astype(np.uint8), cv2.INTER_NEAREST).astype(bool)  # noqa: E731
         img = None if image is None else _thumb(display_image(image), cv2.INTER_AREA)
-        return cls(key, float(dice), small(truth), small(pred), img, tuple(truth.shape[:2]))
+        p = None if prob is None else _thumb((np.clip(prob, 0, 1) * 255).astype(np.uint8), cv2.INTER_AREA)
+        return cls(key, float(dice), small(truth), small(pred), img, tuple(truth.shape[:2]), p)
 
 
 ImageSource = Callable[[], "np.ndarray | None"]
@@ -141,7 +144,7 @@ class RankScores:
         want_worst = self.worst_k > 0 and (len(self.worst) < self.worst_k or rank_key < worst_cut)
         if want_sample or want_worst:
             img = image() if callable(image) else image
-            thumb = Thumbnail.make(key, dice, truth, pred, img)
+            thumb = Thumbnail.make(key, dice, truth, pred, img, prob)
             if want_sample:
                 self.samples[key] = thumb
             if want_worst:
