@@ -62,7 +62,7 @@ def test_steps_per_epoch_covers_the_training_set():
 
 def test_history_roundtrip_drops_epochs_that_will_run_again(tmp_path):
     report = {"global": {m: 0.5 for m in METRIC_NAMES}, "mean": {"dice": 0.4}}
-    rows = [history.epoch_row(e, 1.0 / e, 0.9, report, 1e-3, 2.0, 10) for e in (1, 2, 3)]
+    rows = [history.epoch_row(e, 1.0 / e, 0.9, report, 1e-3, 3.0, 10, 2.0, 0.5) for e in (1, 2, 3)]
     history.write_history(tmp_path, rows)
     back = history.read_history(tmp_path, before_epoch=2)
     assert [r["epoch"] for r in back] == [1, 2]

@@ -5,8 +5,10 @@ Design choices:
 - Columns: ``epoch`` (1-based), ``train_loss``, ``val_loss``, every metric of
   ``seg.metrics.METRIC_NAMES`` computed over the pooled validation pixels (``global``, the
   value early stopping and ``best_model.pth`` use for ``dice``), ``mean_dice`` (per-image
-  average), ``lr``, ``seconds`` and ``images_per_s`` (training images per second of the epoch,
-  all ranks together).
+  average), ``lr``, ``seconds`` (the whole epoch, validation and checkpoints included),
+  ``images_per_s`` (training images per second of the training steps, all ranks together),
+  ``train_seconds`` (the training steps) and ``data_seconds`` (rank 0's time waiting for the
+  next batch, the data loader's share of ``train_seconds``).
 - The whole file is rewritten through ``seg.fileio`` after every epoch (a few hundred rows at
   most): a crash never leaves a half-written row, and on resume the rows of epochs that will
   run again are dropped, so every epoch is in the file exactly once.
@@ -22,7 +24,8 @@ from seg.fileio import atomic_write_text
 from seg.metrics import METRIC_NAMES
 
 HISTORY_FILE = "history.csv"
-COLUMNS = ("epoch", "train_loss", "val_loss", *METRIC_NAMES, "mean_dice", "lr", "seconds", "images_per_s")
+COLUMNS = ("epoch", "train_loss", "val_loss", *METRIC_NAMES, "mean_dice", "lr", "seconds", "images_per_s",
+           "train_seconds", "data_seconds")
 
 
 def read_history(run_dir: str | Path, before_epoch: int | None = None) -> list[dict]:
@@ -55,8 +58,14 @@ def write_history(run_dir: str | Path, rows: list[dict]) -> None:
 
 
 def epoch_row(epoch: int, train_loss: float, val_loss: float, report: dict, lr: float,
-              seconds: float, images: int) -> dict:
-    """One history row from a validation report (``MetricAccumulator.summary()``)."""
+              seconds: float, images: int, train_seconds: float | None = None, data_seconds: float = 0.0) -> dict:
+    """One history row from a validation report (``MetricAccumulator.summary()``).
+
+    Args:
+        seconds: the whole epoch; train_seconds: its training steps (default: ``seconds``);
+        images: training images of the epoch, all ranks; data_seconds: time spent waiting for batches.
+    """
+    train_seconds = seconds if train_seconds is None else train_seconds
     return {
         "epoch": epoch,
         "train_loss": train_loss,
@@ -65,7 +74,9 @@ def epoch_row(epoch: int, train_loss: float, val_loss: float, report: dict, lr: 
         "mean_dice": report["mean"]["dice"],
         "lr": lr,
         "seconds": seconds,
-        "images_per_s": images / seconds if seconds > 0 else 0.0,
+        "images_per_s": images / train_seconds if train_seconds > 0 else 0.0,
+        "train_seconds": train_seconds,
+        "data_seconds": data_seconds,
     }
 
 

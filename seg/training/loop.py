@@ -111,6 +111,7 @@ class _Epoch:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float32) + progress.loss_sum
         self.count = progress.loss_count
         self.start = time.perf_counter() - progress.seconds
+        self.data_seconds = progress.data_seconds
 
     def mean_loss_all_ranks(self, accelerator) -> float:
         total = accelerator.reduce(self.loss_sum.clone(), reduction="mean") if accelerator.num_processes > 1 else self.loss_sum
@@ -119,7 +120,7 @@ class _Epoch:
     def saved(self, accelerator, progress: state.Progress, step: int) -> state.Progress:
         total = accelerator.reduce(self.loss_sum.clone(), reduction="mean") if accelerator.num_processes > 1 else self.loss_sum
         return replace(progress, step=step, loss_sum=float(total), loss_count=self.count,
-                       seconds=time.perf_counter() - self.start)
+                       seconds=time.perf_counter() - self.start, data_seconds=self.data_seconds)
 
 
 def run_training(cfg: Config, argv: list[str] | None = None) -> int:
@@ -175,7 +176,9 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
             bar = tqdm(total=micro, initial=progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
                        unit="batch", disable=not main, leave=False, dynamic_ncols=True)
             for i in range(progress.step, micro):
+                waited = time.perf_counter()
                 images, masks, _ = next(loader)
+                running.data_seconds += time.perf_counter() - waited
                 images = to_device(images, accelerator.device, t.channels_last)
                 masks = to_device(masks, accelerator.device, t.channels_last)
                 running.loss_sum += train_step(accelerator, model, optimizer, loss_fn, images, masks, t.grad_clip)
@@ -231,8 +234,8 @@ def _end_epoch(cfg, accelerator, model, loss_fn, spec, scheduler, optimizer, epo
     stopped_early = t.early_stopping > 0 and bad >= t.early_stopping
     finished = stopped_early or epoch + 1 >= t.epochs
     seconds = time.perf_counter() - running.start
-    row = history.epoch_row(epoch + 1, train_loss, val_loss, report, lr, seconds, images)
-    row["images_per_s"] = images / max(train_seconds, 1e-9)
+    row = history.epoch_row(epoch + 1, train_loss, val_loss, report, lr, seconds, images, train_seconds,
+                            running.data_seconds)
     if accelerator.is_main_process:
         metrics = {**{m: report["global"][m] for m in report["global"]}, "val_loss": val_loss}
         ckpt = model_checkpoint(accelerator.unwrap_model(model), epoch=epoch + 1, metrics=metrics, **ckpt_args)

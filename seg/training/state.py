@@ -53,6 +53,7 @@ class Progress:
     loss_sum: float = 0.0  # train loss summed over the done micro-batches of the epoch
     loss_count: int = 0
     seconds: float = 0.0  # time already spent in the epoch
+    data_seconds: float = 0.0  # of which waiting for batches (rank 0)
     finished: bool = False  # the last epoch ran, or early stopping ended the run
     stopped_early: bool = False
     preempted: bool = False
