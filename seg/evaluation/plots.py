@@ -63,30 +63,39 @@ def confusion_matrix(report: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _zoom(values: np.ndarray) -> tuple[float, float]:
+    """An x range around the values inside [0, 1]: good models crowd near 1 (specificity ~0.999),
+    where fixed 0..1 bins would put every image in one bar."""
+    lo, hi = float(values.min()), float(values.max())
+    pad = max(0.05 * (hi - lo), 0.005)
+    return max(0.0, lo - pad), min(1.0, hi + pad)
+
+
 def metrics_distribution(report: dict, path: Path) -> Path:
     """Histogram of each metric over the images, with mean and median marked, and a box plot row."""
     per = report["per_image"]
     fig = Figure(figsize=(15, 7.5))
     axes = fig.subplots(2, 3).ravel()
-    bins = np.linspace(0, 1, 21)
     for ax, m in zip(axes, SHOWN_METRICS):
         values = np.array([p[m] for p in per], dtype=np.float64)
-        ax.hist(values, bins=bins, color="#4C72B0", edgecolor="white")
+        lo, hi = _zoom(values)
+        ax.hist(values, bins=np.linspace(lo, hi, 31), color="#4C72B0", edgecolor="white")
         mean, median = float(values.mean()), float(np.median(values))
         ax.axvline(mean, color="#C44E52", lw=2, label=f"mean {mean:.3f}")
         ax.axvline(median, color="#55A868", lw=2, ls="--", label=f"median {median:.3f}")
-        ax.set_xlim(0, 1)
+        ax.set_xlim(lo, hi)
         ax.set_title(f"{LABELS[m]}  (min {values.min():.3f}, max {values.max():.3f})")
         ax.set_xlabel(f"per-image {LABELS[m]}")
         ax.set_ylabel("images")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(loc="upper left", fontsize=9)
+        ax.legend(loc="best", fontsize=9, framealpha=0.9)
         # a box plot of the same values above the histogram, sharing its x axis
         top = ax.inset_axes([0.0, 1.0, 1.0, 0.12], sharex=ax)
         top.boxplot(values, orientation="horizontal", widths=0.6, showfliers=True)
         top.axis("off")
         ax.set_title(ax.get_title(), pad=26)
-    fig.suptitle(f"Per-image metric distributions ({_subtitle(report)}); box: quartiles, whiskers 1.5 IQR", fontsize=13)
+    fig.suptitle(f"Per-image metric distributions ({_subtitle(report)}); x axes zoomed to the values; "
+                 "box: quartiles, whiskers 1.5 IQR", fontsize=13)
     fig.tight_layout()
     return save_figure(fig, path)
 
