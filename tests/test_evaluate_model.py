@@ -5,6 +5,7 @@ same report as `seg predict` followed by `seg evaluate --pred_dir`."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -167,3 +168,9 @@ def test_model_mode_errors(labelled, tmp_path, capsys):
     assert "unlabelled shards cannot be evaluated" in capsys.readouterr().err
     assert main(base + ["--data_dir", str(root / "shards"), "--model_path", str(tmp_path / "missing.pth")]) == 1
     assert "missing.pth does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "shards", broken)
+    shard = sorted(broken.glob("val-*.tar"))[-1]
+    shard.write_bytes(shard.read_bytes()[:3000])
+    assert main(base + ["--data_dir", str(broken)]) == 1
+    assert f"shard {shard} cannot be read" in capsys.readouterr().err

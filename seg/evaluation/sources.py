@@ -185,10 +185,19 @@ class LabelledImages:
         return Scorable(index, sample["key"], sample["mask"], image=sample["image"])
 
     def _shard_items(self, rank: int, world: int) -> Iterator:
+        import tarfile
+
         import webdataset as wds
 
         samples = wds.tarfile_samples([{"url": u} for u in self.urls])
-        return ((i, s) for i, s in enumerate(samples) if i % world == rank)
+        try:
+            for i, sample in enumerate(samples):
+                if i % world == rank:
+                    yield i, sample
+        except tarfile.TarError as exc:  # webdataset re-raises with (reason, stream, url)
+            where = exc.args[-1] if len(exc.args) > 1 else "of " + ", ".join(self.urls)
+            raise ValueError(f"shard {where} cannot be read ({exc.args[0] if exc.args else exc}): truncated or not "
+                             "a tar file; re-run `seg prepare` or copy the shard again") from None
 
     def assigned(self, rank: int, world: int, workers: int = 4) -> Iterator[Scorable]:
         if self.pairs:
