@@ -168,6 +168,9 @@ def test_model_mode_errors(labelled, tmp_path, capsys):
     assert "unlabelled shards cannot be evaluated" in capsys.readouterr().err
     assert main(base + ["--data_dir", str(root / "shards"), "--model_path", str(tmp_path / "missing.pth")]) == 1
     assert "missing.pth does not exist" in capsys.readouterr().err
+    first = sorted((root / "shards").glob("val-*.tar"))[0]
+    assert main(base + ["--data_dir", f"{first}::{first}"]) == 1      # the same shard twice
+    assert "occurs twice" in capsys.readouterr().err
     broken = tmp_path / "broken"
     shutil.copytree(root / "shards", broken)
     shard = sorted(broken.glob("val-*.tar"))[-1]

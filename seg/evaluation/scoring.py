@@ -127,6 +127,9 @@ class RankScores:
             prob: float ``(H, W)`` probabilities, thresholded at ``self.threshold`` (model mode).
             image: the image, or a function returning it (called only if a panel needs it).
         """
+        if key in self.counts:
+            raise ValueError(f"image id {key!r} occurs twice in the evaluated data (a shard or folder given twice?); "
+                             "ids must be unique")
         if prob is not None:
             counts = confusion_counts(prob[None], truth[None], self.threshold)[0]
             if self.sweep:
@@ -134,8 +137,6 @@ class RankScores:
             pred = prob > self.threshold
         else:
             counts = confusion_counts(pred[None], truth[None], 0.5)[0]
-        if key in self.counts:
-            raise ValueError(f"image id {key!r} occurs twice in the evaluated data; ids must be unique")
         self.counts[key] = counts
         dice = float(metrics_from_counts(counts)["dice"][0])
         want_sample = index < self.num_samples
@@ -189,8 +190,9 @@ def merge(payloads: list[dict], threshold: float | None, worst_k: int, num_sampl
     worst: dict[str, Thumbnail] = {}
     for p in payloads:
         duplicated = set(p["counts"]) & set(acc.counts)
-        if duplicated:  # the split gives every image to one rank; this is a bug, not user error
-            raise RuntimeError(f"images scored by two ranks: {sorted(duplicated)[:5]}")
+        if duplicated:  # each index goes to one rank, so a repeated id is in the data itself
+            raise ValueError(f"image ids occur more than once in the evaluated data (a shard or folder given twice?): "
+                             f"{', '.join(sorted(duplicated)[:5])}; ids must be unique")
         keys = sorted(p["counts"])
         acc.update(keys, np.array([p["counts"][k] for k in keys], np.int64).reshape(-1, 4))
         sweeps.update(p["sweeps"])
