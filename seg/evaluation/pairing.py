@@ -82,6 +82,19 @@ def index_masks(folder: Path, role: str, skip_by_products: bool = False) -> dict
     return index
 
 
+def index_images(folder: Path) -> dict[str, Path]:
+    """Map sample key -> image file (no suffix stripped: images and masks may share a folder)."""
+    if not folder.is_dir():
+        raise ValueError(f"--image_dir {folder} is not a folder")
+    index: dict[str, Path] = {}
+    for rel in list_images(folder):
+        key = sample_key(rel.as_posix())
+        if key in index:
+            raise ValueError(f"--image_dir: {index[key]} and {folder / rel} are both the image of {key!r}; keep one")
+        index[key] = folder / rel
+    return index
+
+
 def listing(names: list[str]) -> str:
     shown = ", ".join(names[:MAX_LISTED])
     more = len(names) - MAX_LISTED
@@ -121,6 +134,6 @@ def pair_masks(pred_dir: str | Path, gt_dir: str | Path, image_dir: str | Path |
             f"{len(missing)} of {len(truths)} truths in --gt_dir {gt_dir} have no prediction in --pred_dir "
             f"{pred_dir}: {listing(missing)}. Predict them (seg predict), or evaluate a --gt_dir without them"
         )
-    images = index_masks(Path(image_dir), "--image_dir") if image_dir else {}
+    images = index_images(Path(image_dir)) if image_dir else {}
     pairs = [MaskPair(key, preds[key], truths[key], images.get(key)) for key in sorted(truths)]
     return pairs, len(set(preds) - set(truths))
