@@ -60,6 +60,13 @@ def error_overlay(thumb: Thumbnail, alpha: float = 0.55) -> np.ndarray:
     return out.clip(0, 255).astype(np.uint8)
 
 
+def _aspect(thumbs: list[Thumbnail]) -> float:
+    """Median height/width of the thumbnails (clipped), to size the figure rows to the images."""
+    if not thumbs:
+        return 1.0
+    return float(np.clip(np.median([t.truth.shape[0] / t.truth.shape[1] for t in thumbs]), 0.3, 3.0))
+
+
 def _counts_note(report: dict) -> dict[str, str]:
     return {p["id"]: f"FP {p['fp']:,} px, FN {p['fn']:,} px" for p in report["per_image"]}
 
@@ -71,7 +78,7 @@ def sample_predictions(samples: list[Thumbnail], report: dict, path: Path) -> Pa
     columns = ((["image"] if with_image else []) + ["ground truth"] + (["probability"] if with_prob else [])
                + ["prediction", "errors (TP / FP / FN)"])
     rows = max(1, len(samples))
-    fig = Figure(figsize=(3.3 * len(columns), 3.2 * rows + 0.9))
+    fig = Figure(figsize=(3.3 * len(columns), (3.0 * _aspect(samples) + 0.7) * rows + 0.9))
     axes = np.array(fig.subplots(rows, len(columns), squeeze=False))
     notes = _counts_note(report)
     for r, s in enumerate(samples):
@@ -109,7 +116,7 @@ def worst_cases(worst: list[Thumbnail], report: dict, path: Path, ncols: int = 4
     n = max(1, len(worst))
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
-    fig = Figure(figsize=(3.6 * ncols, 3.7 * nrows + 0.9))
+    fig = Figure(figsize=(3.6 * ncols, (3.4 * _aspect(worst) + 0.8) * nrows + 0.9))
     axes = np.array(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     notes = _counts_note(report)
     for ax in axes:
