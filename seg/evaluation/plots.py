@@ -111,19 +111,17 @@ def metrics_summary(report: dict, path: Path) -> Path:
     w = 0.38
     b1 = ax.bar(x - w / 2, means, w, yerr=stds, capsize=4, color="#4C72B0", label="mean over images ± std")
     b2 = ax.bar(x + w / 2, globs, w, color="#DD8452", label="global (all pixels pooled)")
-    for bars, vals in ((b1, means), (b2, globs)):
-        for bar, v in zip(bars, vals):
-            inside = v >= 0.2  # short bars get their value above them, in black
-            ax.text(bar.get_x() + bar.get_width() / 2, 0.02 if inside else v + 0.01, f"{v:.3f}", ha="center",
-                    va="bottom", rotation=90, color="white" if inside else "black", fontsize=10, fontweight="bold")
-    for i, (m, s) in enumerate(zip(means, stds)):
-        ax.text(x[i] - w / 2, min(m + s, 1.08) + 0.01, f"±{s:.3f}", ha="center", va="bottom", fontsize=8)
+    for bar, m, sd in zip(b1, means, stds):  # value and spread above the error bar
+        ax.text(bar.get_x() + bar.get_width() / 2, m + sd + 0.015, f"{m:.3f}\n±{sd:.3f}",
+                ha="center", va="bottom", fontsize=8.5)
+    for bar, g in zip(b2, globs):
+        ax.text(bar.get_x() + bar.get_width() / 2, g + 0.015, f"{g:.3f}", ha="center", va="bottom", fontsize=8.5)
     ax.set_xticks(x, [LABELS[m] for m in SHOWN_METRICS])
-    ax.set_ylim(0, 1.18)
+    ax.set_ylim(0, max(1.15, max(m + sd for m, sd in zip(means, stds)) + 0.12))
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("score")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper right", ncols=2)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), ncols=2, frameon=False)
     ax.set_title(f"Metric summary ({_subtitle(report)})")
     return save_figure(fig, path)
 
