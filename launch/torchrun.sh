@@ -26,14 +26,20 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 usage() { sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 nproc="" cpu=0 nnodes=1 endpoint="" rdzv_id="seg" module="seg.train"
+value() { # value OPTION NEXT_ARG: the option's value, or a usage error
+  case "${2:-}" in
+    ""|-*) echo "torchrun.sh: $1 needs a value (e.g. $1 2)" >&2; exit 2 ;;
+  esac
+  printf '%s' "$2"
+}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --cpu) cpu=1; nproc="$2"; shift 2 ;;
-    --gpus|--nproc) nproc="$2"; shift 2 ;;
-    --nnodes) nnodes="$2"; shift 2 ;;
-    --rdzv_endpoint) endpoint="$2"; shift 2 ;;
-    --rdzv_id) rdzv_id="$2"; shift 2 ;;
-    --module) module="$2"; shift 2 ;;
+    --cpu) cpu=1; nproc="$(value "$1" "${2:-}")"; shift 2 ;;
+    --gpus|--nproc) nproc="$(value "$1" "${2:-}")"; shift 2 ;;
+    --nnodes) nnodes="$(value "$1" "${2:-}")"; shift 2 ;;
+    --rdzv_endpoint) endpoint="$(value "$1" "${2:-}")"; shift 2 ;;
+    --rdzv_id) rdzv_id="$(value "$1" "${2:-}")"; shift 2 ;;
+    --module) module="$(value "$1" "${2:-}")"; shift 2 ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;
     *) break ;;  # the first unknown argument starts the module's own arguments
@@ -41,8 +47,7 @@ while [ $# -gt 0 ]; do
 done
 
 case "$nproc" in
-  "") if [ "$cpu" = 1 ]; then echo "torchrun.sh: --cpu needs a process count, e.g. --cpu 2" >&2; exit 2; fi
-      nproc="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+  "") nproc="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
       if [ "${nproc:-0}" -lt 1 ]; then
         echo "torchrun.sh: no GPU visible (nvidia-smi -L lists none); use --cpu N for N CPU processes" >&2
         exit 2
