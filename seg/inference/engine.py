@@ -44,7 +44,8 @@ import cv2
 import numpy as np
 import torch
 
-from seg.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
+from seg.checkpoint import file_sha256, load_checkpoint
+from seg.model import build_model
 from seg.inference.tiling import predict_tiled
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -111,6 +112,16 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
                     module[i] = fuse_conv_bn_eval(layers[i], layers[i + 1])
                     module[i + 1] = torch.nn.Identity()
     return model
+
+
+def build_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    """The checkpoint's model in eval mode, built on the meta device and given the checkpoint's
+    tensors (``assign=True``): no random initialisation of weights that are overwritten anyway
+    (1 s of start-up for the 31M model on a CPU)."""
+    with torch.device("meta"):
+        model = build_model(**ckpt["model"])
+    model.load_state_dict(ckpt["state_dict"], assign=True)
+    return model.eval()
 
 
 def weights_sha256(state_dict: dict) -> str:
@@ -216,7 +227,7 @@ class Predictor:
                                          self.preprocess["mean"], self.preprocess["std"])
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
-        model = fold_batchnorm(model_from_checkpoint(ckpt)).to(self.device)
+        model = fold_batchnorm(build_from_checkpoint(ckpt)).to(self.device)
         self.model = model.to(memory_format=torch.channels_last).eval()
 
     # ---- CPU side: delegated to the picklable Preprocessor (DataLoader workers use it) --------
