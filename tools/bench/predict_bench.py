@@ -10,7 +10,7 @@ Parts:
   compute    the bf16 compute limit: a bare bf16 channels_last forward of the 31M model at 256px,
              batch 8, after warm-up (no decode, no writing), images/s and GFLOP/s (96.3
              GFLOP/img, counted by tools/bench/flops.py).
-  tiny       a tiny U-Net (base 4, 64px) on 20,000 small PNGs: `seg predict` vs a bare single-
+  tiny       a tiny U-Net (base 4, trained size 32) on 20,000 small (32x32) PNGs: `seg predict` vs a bare single-
              process cv2 read+write loop (rate ratio); peak RSS of `seg predict` at 1,000 and
              20,000 images (process tree sampled every 50 ms).
   tile       sliding-window prediction of one 8192x8192 RGB image (tiny model, 256px tiles),
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,6 +86,12 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
             "peak_rss_tree_mb": round(peak_tree / 2**20), "stdout": out.strip().splitlines()[-3:]}
 
 
+def fresh(folder: Path) -> Path:
+    """An empty output folder (a rerun into a finished one would skip every unit)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
 def seg_predict(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "seg.predict", "--no_progress", *map(str, args)]
 
@@ -105,12 +112,12 @@ def part_reference(work: Path, n: int = 100) -> dict:
     images = make_images(work / "cohort256", n, 256)
     ckpt = checkpoint(work / "unet31m_256.pth", 64, 256)
     ref = measure([sys.executable, str(REPO / "tools/bench/reference_predict.py"), "--model", str(ckpt),
-                   "--input", str(images), "--output", str(work / "ref_out")])
+                   "--input", str(images), "--output", str(fresh(work / "ref_out"))])
     ref["images_per_s"] = round(n / ref["seconds"], 3)
     print(f"(a) reference method: {n} images in {ref['seconds']} s = {ref['images_per_s']} images/s (whole process)",
           flush=True)
-    seg = measure(seg_predict(["--model_path", ckpt, "--image_dir", images, "--output_dir", work / "seg_out",
-                               "--batch_size", 8, "--num_workers", 1, "--writer_threads", 2, "--overwrite"]))
+    seg = measure(seg_predict(["--model_path", ckpt, "--image_dir", images, "--output_dir", fresh(work / "seg_out"),
+                               "--batch_size", 8, "--num_workers", 1, "--writer_threads", 2]))
     seg.update(parse_summary(seg["stdout"]))
     seg["images_per_s"] = round(n / seg["seconds"], 3)
     print(f"(b) seg predict: {n} images in {seg['seconds']} s = {seg['images_per_s']} images/s (whole process); "
@@ -153,17 +160,17 @@ def cv2_loop(folder: Path, out: Path, limit: int) -> dict:
     return {"images": len(files), "seconds": round(seconds, 2), "images_per_s": round(len(files) / seconds, 1)}
 
 
-def part_tiny(work: Path, n: int = 20000, small: int = 1000) -> dict:
-    images = make_images(work / "tiny20k", n, 64, ext=".png")
+def part_tiny(work: Path, n: int = 20000, small: int = 1000, side: int = 32, base: int = 4) -> dict:
+    images = make_images(work / f"tiny{n}_{side}px", n, side, ext=".png")
     subset = work / "tiny1k.txt"
     subset.write_text("\n".join(str(p) for p in sorted(images.iterdir())[:small]) + "\n")
-    ckpt = checkpoint(work / "unet_tiny_64.pth", 4, 64)
-    loop = cv2_loop(images, work / "cv2_out", n)
+    ckpt = checkpoint(work / f"unet_base{base}_{side}.pth", base, side)
+    loop = cv2_loop(images, fresh(work / "cv2_out"), n)
     print(f"bare cv2 read+write loop: {loop['images']} images in {loop['seconds']} s = {loop['images_per_s']} images/s",
           flush=True)
-    common = ["--model_path", ckpt, "--batch_size", 64, "--num_workers", 1, "--writer_threads", 2, "--overwrite"]
-    one_k = measure(seg_predict(["--list", subset, "--output_dir", work / "seg_tiny1k", *common]))
-    full = measure(seg_predict(["--image_dir", images, "--output_dir", work / "seg_tiny20k", *common]))
+    common = ["--model_path", ckpt, "--batch_size", 64, "--num_workers", 1, "--writer_threads", 2]
+    one_k = measure(seg_predict(["--list", subset, "--output_dir", fresh(work / "seg_tiny1k"), *common]))
+    full = measure(seg_predict(["--image_dir", images, "--output_dir", fresh(work / "seg_tiny20k"), *common]))
     full.update(parse_summary(full["stdout"]))
     full["images_per_s"] = round(n / full["seconds"], 1)
     print(f"seg predict tiny: {n} images in {full['seconds']} s = {full['images_per_s']} images/s whole process "
@@ -185,7 +192,7 @@ def part_tile(work: Path, side: int = 8192) -> dict:
         cv2.imwrite(str(path), img)
         del img
     ckpt = checkpoint(work / "unet_tiny_patch256.pth", 4, 256, sampling="patch")
-    res = measure(seg_predict(["--model_path", ckpt, "--image_path", path, "--output_dir", work / "tile_out",
+    res = measure(seg_predict(["--model_path", ckpt, "--image_path", path, "--output_dir", fresh(work / "tile_out"),
                                "--batch_size", 8]))
     mask = cv2.imread(str(work / "tile_out" / f"big{side}_mask.png"), cv2.IMREAD_UNCHANGED)
     assert mask is not None and mask.shape == (side, side), "the tiled mask has the wrong size"
