@@ -60,9 +60,15 @@ install_packages() {
     || die "apt-get install ${PACKAGES[*]} failed; see $STATE/log/apt.log"
 }
 
-record() { # record NAME PID: remember a daemon we started, with its command name
+record() { # record NAME PID: remember a daemon we started; NAME is its command name (/proc/PID/comm)
   [ -n "$2" ] || die "$1 did not start; see $STATE/log/"
-  local comm; comm="$(cat "/proc/$2/comm" 2>/dev/null)" || die "$1 (pid $2) exited at start; see $STATE/log/"
+  local deadline=$((SECONDS + 10)) comm=""
+  # A background start is briefly a forked shell: wait until the PID runs the daemon itself.
+  until comm="$(cat "/proc/$2/comm" 2>/dev/null)" && [ "$comm" = "$1" ]; do
+    [ -e "/proc/$2" ] || die "$1 (pid $2) exited at start; see $STATE/log/"
+    [ "$SECONDS" -ge "$deadline" ] && die "pid $2 runs '$comm', not $1; see $STATE/log/"
+    sleep 0.1
+  done
   echo "$1 $2 $comm" >>"$PIDS"
 }
 
@@ -185,6 +191,12 @@ cmd_start() {
     log "already running with $nodes node(s) under $STATE"; echo "$STATE/env"; return 0
   fi
   [ -s "$PIDS" ] && cmd_stop
+  local port
+  for port in $DB_PORT $DBD_PORT $CTLD_PORT $(seq $((SLURMD_PORT0 + 1)) $((SLURMD_PORT0 + nodes))); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      die "port $port is already in use (a cluster left over from another state folder?): stop that process first" 1
+    fi
+  done
   rm -rf "$STATE"
   mkdir -p "$STATE"/{etc,state,spool,run,log}
   chmod 755 "$STATE"
