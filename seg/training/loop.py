@@ -17,10 +17,13 @@ Design choices:
   worker) and skips the batches already done, so a deterministic run resumed at any step ends
   with the same weights as an uninterrupted one.
 - Rank 0 writes every shared file; other ranks only join the collectives (gathers, barriers).
+  A model checkpoint is serialised once and the same bytes go to best/periodic/final files;
+  the final plots render in a thread while the checkpoints are written.
 """
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,9 +31,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from seg.checkpoint import model_checkpoint, save_checkpoint
+from seg.checkpoint import model_checkpoint
 from seg.config import Config, config_to_dict, config_to_yaml
-from seg.fileio import atomic_write_json, atomic_write_text
+from seg.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from seg.losses import build_loss
 from seg.model import build_model
 from seg.training import data, history, plots, state
@@ -236,18 +239,19 @@ def _end_epoch(cfg, accelerator, model, loss_fn, spec, scheduler, optimizer, epo
     seconds = time.perf_counter() - running.start
     row = history.epoch_row(epoch + 1, train_loss, val_loss, report, lr, seconds, images, train_seconds,
                             running.data_seconds)
+    plotting = None
     if accelerator.is_main_process:
+        if finished:  # rendered while the checkpoints are written
+            plotting = plots.plot_all_in_background([*rows, row], samples, spec.mean, spec.std, t.threshold, run_dir)
         metrics = {**{m: report["global"][m] for m in report["global"]}, "val_loss": val_loss}
-        ckpt = model_checkpoint(accelerator.unwrap_model(model), epoch=epoch + 1, metrics=metrics, **ckpt_args)
+        ckpt = _serialize(model_checkpoint(accelerator.unwrap_model(model), epoch=epoch + 1, metrics=metrics, **ckpt_args))
         if improved:
-            save_checkpoint(ckpt, run_dir / "best_model.pth")
+            atomic_write_bytes(run_dir / "best_model.pth", ckpt)
         if t.save_every and (epoch + 1) % t.save_every == 0:
-            save_checkpoint(ckpt, run_dir / f"checkpoint_epoch_{epoch + 1}.pth")
-        rows.append(row)
+            atomic_write_bytes(run_dir / f"checkpoint_epoch_{epoch + 1}.pth", ckpt)
         if finished:
-            save_checkpoint(ckpt, run_dir / "final_model.pth")
-            plots.plot_history(rows, run_dir / plots.HISTORY_PLOT)
-            plots.plot_samples(samples, spec.mean, spec.std, t.threshold, run_dir / plots.SAMPLES_PLOT)
+            atomic_write_bytes(run_dir / "final_model.pth", ckpt)
+        rows.append(row)
         history.write_history(run_dir, rows)
         tqdm.write(history.summary_line(row, t.epochs, improved))
         if stopped_early:
@@ -258,4 +262,13 @@ def _end_epoch(cfg, accelerator, model, loss_fn, spec, scheduler, optimizer, epo
                          best_epoch=epoch + 1 if improved else progress.best_epoch, bad_epochs=bad,
                          finished=finished, stopped_early=stopped_early)
     state.save_last(run_dir, accelerator, model, optimizer, scheduler, new)
+    if plotting is not None:
+        plotting.join()
     return new
+
+
+def _serialize(ckpt: dict) -> bytes:
+    """A model checkpoint as bytes, serialised once for every file it is written to."""
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    return buffer.getvalue()
