@@ -5,10 +5,13 @@ carry the #SBATCH lines the preemption design depends on (golden test).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +93,32 @@ def test_torchrun_sh_cpu_two_processes(smoke_shards, tmp_path):
     assert "seg train: 2 process(es)" in out.stdout + out.stderr
     assert not [n for n in RUN_FILES if not (run_dir / n).exists()]
     assert history_epochs(run_dir) == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_torchrun_sh_saves_on_every_rank(smoke_shards, tmp_path):
+    """The launcher forwards SIGTERM; both workers save last/ and exit 75 (recorded by worker.py)."""
+    run_dir = tmp_path / "run"
+    env = dict(_env(), SEG_EXIT_DIR=str(tmp_path / "exit"))
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun.sh"), "--cpu", "2",
+                             *smoke_train_args(smoke_shards, run_dir, "train.epochs=40")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(history_epochs(run_dir)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "training ended before it could be signalled"
+        proc.send_signal(signal.SIGTERM)  # torchrun.sh execs torchrun: this is the launcher
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    progress = json.loads((run_dir / "last" / "progress.json").read_text())
+    assert progress["preempted"] is True and progress["finished"] is False
+    codes = sorted(p.read_text().strip() for p in (tmp_path / "exit").glob("rank-*"))
+    assert codes == ["75", "75"]
+    assert len(history_epochs(run_dir)) < 40
 
 
 @pytest.mark.slow
