@@ -167,6 +167,8 @@ def slurm_parser(prog: str) -> argparse.ArgumentParser:
     a("--log_dir", default="logs/submitit/%j", help="submitit folder; %%j becomes the job id")
     a("--signal_delay_s", type=int, default=120, help="seconds before the time limit to save and requeue")
     a("--max_requeues", type=int, default=10, help="timeouts after which the job is not requeued")
+    a("--cluster", choices=("slurm", "local", "debug"), default="slurm",
+      help="submitit backend: slurm, or local/debug to try the submission on this machine")
     a("--wait", action="store_true", help="wait for the job(s) and print the results")
     a("-h", "--help", action="store_true")
     return p
@@ -183,7 +185,8 @@ def _minutes(text: str) -> int:
 
 
 def make_executor(opts, name: str, tasks_per_node: int, nodes: int) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=opts.log_dir, slurm_max_num_timeout=opts.max_requeues)
+    executor = submitit.AutoExecutor(folder=opts.log_dir, cluster=opts.cluster,
+                                     slurm_max_num_timeout=opts.max_requeues)
     extra = {k: v for k, v in (("account", opts.account), ("qos", opts.qos)) if v}
     executor.update_parameters(
         name=opts.job_name or name, nodes=nodes, tasks_per_node=tasks_per_node,
@@ -211,7 +214,10 @@ def submit_train(argv: list[str]):
         print("\nAll other arguments are `seg train` arguments:")
         build_parser().print_help()
         sys.exit(0)
-    config_from_args(build_parser().parse_args(train_args))  # fail here, not in the queue
+    try:
+        config_from_args(build_parser().parse_args(train_args))  # fail here, not in the queue
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"submit.py train: {exc}") from None
     tasks = opts.tasks_per_node or opts.gpus_per_node or 1
     executor = make_executor(opts, "seg-train", tasks, opts.nodes)
     job = executor.submit(TrainTask(train_args))
