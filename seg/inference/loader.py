@@ -13,8 +13,10 @@ Design choices:
   breaks mid-way (truncated tar) keeps the samples read before and records a failure for the
   rest.
 - Only the prepared raw pixels (channels adapted, resized in resize mode, still uint8/uint16)
-  travel to the main process, as tensors, which the DataLoader passes through shared memory
-  rather than pickling; plus the original image when overlays are requested; masks in labelled shards are ignored (prediction does not need
+  travel to the main process, stacked into ``Chunk``s of up to ``chunk`` images as one tensor,
+  which the DataLoader passes through shared memory: one message per chunk, not per image
+  (per-message cost, not bytes, limits small images); plus the original images when overlays
+  are requested; masks in labelled shards are ignored (prediction does not need
   them). Batches are formed in the main process (``batch_size=None`` here), so end-of-unit
   markers are never held back inside a batch.
 - Each worker process runs with one torch and one OpenCV thread: parallelism comes from the
@@ -37,9 +39,23 @@ class Item(NamedTuple):
     unit: int
     source: str
     rel: str  # sanitised output stem
-    x: torch.Tensor  # prepared raw pixels (Preprocessor.prepare), uint8/uint16
+    x: np.ndarray | torch.Tensor  # prepared raw pixels (Preprocessor.prepare), uint8/uint16
     size: tuple[int, int]  # original (H, W)
-    image: torch.Tensor | None  # original image, only for overlays
+    image: np.ndarray | None  # original image, only for overlays
+
+
+class Chunk(NamedTuple):
+    """Consecutive items of one unit whose prepared pixels share shape and dtype, stacked."""
+    unit: int
+    sources: tuple[str, ...]
+    rels: tuple[str, ...]
+    x: torch.Tensor  # (n, ...) prepared pixels
+    sizes: tuple[tuple[int, int], ...]
+    images: tuple[np.ndarray | None, ...]
+
+    def items(self) -> Iterator[Item]:
+        for i, source in enumerate(self.sources):
+            yield Item(self.unit, source, self.rels[i], self.x[i], self.sizes[i], self.images[i])
 
 
 class Failure(NamedTuple):
@@ -64,20 +80,46 @@ def shard_samples(path: str) -> Iterator[dict]:
 
 
 class UnitStream(torch.utils.data.IterableDataset):
-    """Iterable of ``Item``/``Failure``/``UnitEnd`` records for ``units`` (see module docstring).
+    """Iterable of ``Chunk``/``Failure``/``UnitEnd`` records for ``units`` (see module docstring).
 
     Args:
         units: this worker's units, in order.
         preprocessor: the engine's picklable CPU half.
         keep_image: also send the original image (for overlays and visualisations).
+        chunk: images per ``Chunk`` (1 for whole large images in tile mode).
     """
 
-    def __init__(self, units: list[Unit], preprocessor: Preprocessor, keep_image: bool = False):
-        self.units, self.pre, self.keep_image = units, preprocessor, keep_image
+    def __init__(self, units: list[Unit], preprocessor: Preprocessor, keep_image: bool = False, chunk: int = 32):
+        self.units, self.pre, self.keep_image, self.chunk = units, preprocessor, keep_image, max(1, chunk)
 
     def _item(self, unit: Unit, source: str, rel: str, image: np.ndarray) -> Item:
-        return Item(unit.index, source, rel, torch.from_numpy(self.pre.prepare(image)), tuple(image.shape[:2]),
-                    torch.from_numpy(image) if self.keep_image else None)
+        return Item(unit.index, source, rel, self.pre.prepare(image), tuple(image.shape[:2]),
+                    image if self.keep_image else None)
+
+    @staticmethod
+    def _stack(items: list[Item]) -> Chunk:
+        return Chunk(items[0].unit, tuple(i.source for i in items), tuple(i.rel for i in items),
+                     torch.from_numpy(np.stack([i.x for i in items])), tuple(i.size for i in items),
+                     tuple(i.image for i in items))
+
+    def _chunked(self, records: Iterator) -> Iterator:
+        """Items grouped into ``Chunk``s of up to ``self.chunk`` (one IPC message each, not one per
+        image: per-message cost dominates for small images); failures and ends pass through."""
+        buffer: list[Item] = []
+        for rec in records:
+            if isinstance(rec, Item):
+                if buffer and (rec.x.shape != buffer[0].x.shape or rec.x.dtype != buffer[0].x.dtype):
+                    yield self._stack(buffer)
+                    buffer = []
+                buffer.append(rec)
+                if len(buffer) >= self.chunk:
+                    yield self._stack(buffer)
+                    buffer = []
+                continue
+            if isinstance(rec, UnitEnd) and buffer:
+                yield self._stack(buffer)
+                buffer = []
+            yield rec
 
     def _files(self, unit: Unit) -> Iterator:
         done = failed = 0
@@ -124,7 +166,7 @@ class UnitStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for j, unit in enumerate(self.units):
             if j % workers == worker:
-                yield from (self._shard(unit) if unit.kind == "shard" else self._files(unit))
+                yield from self._chunked(self._shard(unit) if unit.kind == "shard" else self._files(unit))
 
 
 def _worker_init(_: int) -> None:

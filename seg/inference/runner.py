@@ -29,7 +29,7 @@ from pathlib import Path
 from seg.fileio import TMP_MARK
 from seg.inference.engine import Predictor
 from seg.inference.inputs import Unit, units_for_worker
-from seg.inference.loader import Failure, Item, UnitEnd, UnitStream, record_loader
+from seg.inference.loader import Chunk, Failure, Item, UnitEnd, UnitStream, record_loader
 from seg.inference.manifest import FAILURES, MANIFEST, append_lines, check_model, check_unit_inputs, read_manifest
 from seg.inference.writers import UnitSink, Writers
 
@@ -164,6 +164,23 @@ class CohortRun:
             return None
         return round((self.images - self._steady_from[1]) / (end - self._steady_from[0]), 3)
 
+    def _add(self, item: Item, pending: list[Item], writers: Writers) -> None:
+        """Predict a tile-mode image now, or queue a resize-mode one for the next batch."""
+        self.images += 1
+        state = self._state(item.unit)
+        if self.p.mode == "tile":
+            if self.first_batch_start_s is None:
+                self.first_batch_start_s = process_age()
+            prob = self.p.predict_tiled(item.x.numpy())
+            self._mark_first_batch()
+            state.futures.append(writers.submit(state.sink, item.source, item.rel, prob, item.size, item.image))
+            return
+        if pending and pending[0].x.dtype != item.x.dtype:  # 8- and 16-bit scale differently
+            self._flush(pending, writers)
+        pending.append(item)
+        if len(pending) >= self.p.batch_size:
+            self._flush(pending, writers)
+
     def plan(self) -> tuple[list[Unit], list[dict]]:
         """(units to do, manifest records of this worker's finished units)."""
         check_model(self.out_dir, self.p.sha256, self.o.overwrite)
@@ -187,27 +204,17 @@ class CohortRun:
         bar = tqdm(total=total, position=self.o.position, desc=f"predict {self.worker + 1}/{self.num_workers}",
                    unit="img", dynamic_ncols=True, mininterval=1.0, disable=not self.o.progress or not todo)
         writers = Writers(self.p.threshold, self.o.overlay, self.o.probability, self.o.writer_threads)
-        stream = UnitStream(todo, self.p.preprocessor, keep_image=self.o.overlay)
+        stream = UnitStream(todo, self.p.preprocessor, keep_image=self.o.overlay,
+                            chunk=1 if self.p.mode == "tile" else min(self.p.batch_size, 64))
         pending: list[Item] = []
         try:
-            for rec in record_loader(stream, self.o.loader_workers):
-                if isinstance(rec, Item):
-                    self.images += 1
-                    bar.update(1)
-                    if self.p.mode == "tile":
-                        if self.first_batch_start_s is None:
-                            self.first_batch_start_s = process_age()
-                        prob = self.p.predict_tiled(rec.x.numpy())
-                        self._mark_first_batch()
-                        state = self._state(rec.unit)
-                        state.futures.append(writers.submit(state.sink, rec.source, rec.rel, prob, rec.size, rec.image))
-                    else:
-                        self._state(rec.unit)
-                        if pending and pending[0].x.dtype != rec.x.dtype:  # 8- and 16-bit scale differently
-                            self._flush(pending, writers)
-                        pending.append(rec)
-                        if len(pending) >= self.p.batch_size:
-                            self._flush(pending, writers)
+            # tile mode: whole native-size images travel, so keep one per decoding process in flight
+            prefetch = 1 if self.p.mode == "tile" else 4
+            for rec in record_loader(stream, self.o.loader_workers, prefetch):
+                if isinstance(rec, Chunk):
+                    for item in rec.items():
+                        self._add(item, pending, writers)
+                    bar.update(len(rec.sources))
                 elif isinstance(rec, Failure):
                     self.failures += 1
                     bar.update(1)
