@@ -60,3 +60,14 @@ def test_train_sbatch_preemption_requeues_and_resumes(slurm_cluster, smoke_shard
     assert "SLURM_RESTART_COUNT=1" in log
     assert "resuming" in log  # the requeued job continued from last/
     _assert_run_complete(run_dir, epochs=epochs)  # every epoch exactly once
+
+
+def test_train_sbatch_failure_is_not_requeued(slurm_cluster, tmp_path):
+    env = slurm_cluster
+    job = sbatch(["--cpus-per-task", "2", "--time", "5", TRAIN,
+                  *smoke_train_args(tmp_path / "no-shards", tmp_path / "run")], tmp_path, env)
+    states = wait_job(job, env, timeout=180)
+    log = _log(tmp_path, job)
+    assert states == {job: "FAILED"}, log
+    assert "worker exit codes: 2" in log and "not requeueing" in log
+    assert "SLURM_RESTART_COUNT=1" not in log

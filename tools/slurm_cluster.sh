@@ -174,8 +174,10 @@ nodes_idle() {
   [ "$states" = idle ]
 }
 
-is_up() { [ -s "$PIDS" ] && nodes_idle_or_busy; }
-nodes_idle_or_busy() { sinfo -h -N -o %T 2>/dev/null | grep -qvE 'down|drain|unk|fail|not_responding' ; }
+nodes_idle_or_busy() { # every node is up (idle, allocated, mixed, completing)
+  local states; states="$(sinfo -h -N -o %T 2>/dev/null)" || return 1
+  [ -n "$states" ] && ! grep -qE 'down|drain|unk|fail|not_responding|\*' <<<"$states"
+}
 
 cmd_start() {
   local nodes=2
