@@ -57,7 +57,7 @@ def slurm_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["SLURM_CONF"] = str(CONF)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["SEG_ROOT"] = str(ROOT)
+    env.pop("SEG_ROOT", None)  # the scripts find the repository from their own path (scontrol Command=)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env

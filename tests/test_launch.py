@@ -5,6 +5,7 @@ carry the #SBATCH lines the preemption design depends on (golden test).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -154,3 +155,39 @@ def test_submit_py_validates_before_submitting(tmp_path):
     assert out.returncode == 1 and "--output_dir is required" in out.stderr
     out = subprocess.run([*submit, "fly"], capture_output=True, text=True)
     assert out.returncode == 2 and "launch/submit.py train" in out.stdout
+
+
+def test_hpc_doc_commands_refer_to_existing_files_and_flags():
+    """docs/HPC.md (merged into the README): every script it names exists, every `seg doctor`
+    and `launch/submit.py` flag it uses is accepted."""
+    import re
+    import shlex
+
+    from seg.doctor import build_parser
+
+    text = (ROOT / "docs" / "HPC.md").read_text()
+    for path in set(re.findall(r"\b((?:slurm|launch|tools|configs)/[\w./-]+\.(?:sbatch|sh|py|yaml))", text)):
+        if "<" not in path:
+            assert (ROOT / path).is_file(), f"docs/HPC.md names {path}, which does not exist"
+    commands = re.findall(r"^(seg doctor .*?|python launch/submit.py .*?)(?<!\\)$", text.replace("\\\n", " "),
+                          flags=re.MULTILINE)
+    assert commands
+    for command in commands:
+        words = [w for w in shlex.split(command.replace('"$(hostname -s)"', "h")) if w != "\\"]
+        if words[0] == "seg":
+            build_parser().parse_args(words[2:])
+        else:
+            spec = importlib.util.spec_from_file_location("submit_doc", ROOT / "launch" / "submit.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            parser = module.slurm_parser("submit.py")
+            if words[2] == "predict":
+                parser.add_argument("--parts", type=int, required=True)
+                parser.add_argument("--parallel", type=int)
+                parser.add_argument("--summarize", action="store_true")
+            opts, rest = parser.parse_known_args(words[3:])
+            assert all(not w.startswith("--") or w in KNOWN_PASSTHROUGH for w in rest), rest
+
+
+KNOWN_PASSTHROUGH = {"--config", "--data_dir", "--checkpoint_dir", "--model_path", "--image_dir", "--output_dir"}
