@@ -126,3 +126,27 @@ def test_summarize_reports_missing_units_and_files(tmp_path):
     assert s["foreground"]["empty"] == 1 and s["foreground"]["max"] == 0.25
     assert any("not finished" in p for p in s["problems"]) and any("y_mask.png" in p for p in s["problems"])
     assert os.path.exists(tmp_path / ".manifest.lock")
+
+
+def test_decoding_stream_chunks_by_dtype_and_reports_failures(tmp_path):
+    import numpy as np
+
+    from predict_fixtures import random_image, write_image
+    from seg.inference.engine import Preprocessor
+    from seg.inference.loader import Chunk, Failure, UnitEnd, UnitStream
+
+    paths = [write_image(tmp_path / "a.png", random_image(20, 30)), write_image(tmp_path / "b.png", random_image(9, 9)),
+             write_image(tmp_path / "c.png", random_image(12, 12, dtype=np.uint16)), tmp_path / "d.png",
+             write_image(tmp_path / "e.png", random_image(16, 8, channels=1))]
+    paths[3].write_bytes(b"")
+    unit = file_units([(str(p), p.stem) for p in paths], 5)[0]
+    stream = UnitStream([unit], Preprocessor("resize", 16, 3, [0.5] * 3, [0.25] * 3), chunk=2)
+    records = list(stream)
+    kinds = [type(r).__name__ for r in records]
+    assert kinds == ["Chunk", "Failure", "Chunk", "Chunk", "UnitEnd"]
+    chunks = [r for r in records if isinstance(r, Chunk)]
+    assert [c.rels for c in chunks] == [("a", "b"), ("c",), ("e",)]
+    assert [str(c.x.dtype) for c in chunks] == ["torch.uint8", "torch.uint16", "torch.uint8"]
+    assert tuple(chunks[0].x.shape) == (2, 16, 16, 3) and chunks[0].sizes == ((20, 30), (9, 9))
+    assert isinstance(records[1], Failure) and "empty" in records[1].reason
+    assert records[-1] == UnitEnd(0, 4, 1)
