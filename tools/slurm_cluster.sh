@@ -36,7 +36,7 @@ PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 export SLURM_CONF="$CONF"
 
 log() { echo "[slurm_cluster] $*" >&2; }
-die() { log "error: $*"; exit "${2:-1}"; }
+die() { log "error: $1"; exit "${2:-1}"; }
 
 cannot_run_here() {
   if [ "$(id -u)" != 0 ]; then echo "not root (daemons and apt-get need root)"; return 0; fi
