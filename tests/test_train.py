@@ -7,6 +7,7 @@ runs start `python -m seg.train` as a subprocess (with a timeout), as a user wou
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import signal
@@ -118,6 +119,17 @@ def test_raw_folder_gets_the_prepare_command(tmp_path):
     assert "seg prepare --images" in proc.stderr and str(raw / "images") in proc.stderr
 
 
+def test_tensorboard_without_the_package_is_a_clear_error(shards, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    folder, _ = shards
+    proc = run_train(["--data_dir", str(folder), "--checkpoint_dir", str(tmp_path / "run"), *TINY,
+                      "--log_with", "tensorboard"], timeout=120)
+    assert proc.returncode == 2 and "pip install tensorboard" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_too_few_shards_for_workers_fails_before_training(shards, tmp_path):
     folder, info = shards
     n = len(info["splits"]["train"]["shards"])
@@ -173,8 +185,45 @@ def test_two_epochs_write_the_run_folder_then_resume_and_restart(shards, tmp_pat
 def test_raising_epochs_continues_a_finished_run(shards, tmp_path):
     folder, _ = shards
     run = tmp_path / "run"
-    base = ["--data_dir", str(folder), "--checkpoint_dir", str(run), *TINY, "train.max_steps_per_epoch=2"]
+    base = ["--data_dir", str(folder), "--checkpoint_dir", str(run), *TINY, "train.max_steps_per_epoch=2",
+            "train.grad_accum=2", "--scheduler"]
     assert run_train([*base, "--epochs", "1"]).returncode == 0
     proc = run_train([*base, "--epochs", "2"])
     assert proc.returncode == 0 and "resuming" in proc.stdout, proc.stderr[-2000:]
+    assert [r["epoch"] for r in history.read_history(run)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_saves_and_exits_75(shards, tmp_path):
+    """Slurm and `timeout` signal every process of the job, DataLoader workers included: the
+    workers must not die (that would crash the step); the main process saves last/ and exits 75."""
+    import re
+    import threading
+    import time
+
+    folder, _ = shards
+    run = tmp_path / "run"
+    args = ["--data_dir", str(folder), "--checkpoint_dir", str(run), "--image_size", "64", "--batch_size", "1",
+            "--epochs", "2", "model.base_channels=4", "data.num_workers=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "seg.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not re.search(r"epoch 1/2:\s+\d+%\S*\s*\|[^|]*\|\s*[1-9]\d*/", "".join(err)):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(err)[-3000:]
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == state.PREEMPTED_EXIT_CODE, "".join(err)[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    assert "Traceback" not in "".join(err)
+    assert json.loads((run / "last" / "progress.json").read_text())["preempted"]
+    again = run_train(args)
+    assert again.returncode == 0, again.stderr[-3000:]
     assert [r["epoch"] for r in history.read_history(run)] == [1, 2]

@@ -12,6 +12,8 @@ Design choices:
   batch_size x world size x grad_accum: an epoch sees at least the training set size.
 - Too few shards for ranks x workers is an error before the first step, with the fix.
 - Workers are not persistent: each epoch starts fresh workers, which pick up the epoch's seed.
+  Workers ignore SIGTERM/SIGUSR1: Slurm (and ``timeout``) signal the whole process group, and a
+  worker killed mid-step would crash the main process instead of letting it save ``last/``.
   A DataLoader with several workers yields batch i from worker i mod W (in order), so skipping
   the first k batches of a regenerated epoch stream (resume mid-epoch) is exact.
 - Validation is exact: every sample goes to exactly one (rank, worker) reader. With at least
@@ -23,6 +25,7 @@ Design choices:
 from __future__ import annotations
 
 import math
+import signal
 from itertools import islice
 from pathlib import Path
 
@@ -83,6 +86,13 @@ def check_shards(spec: DataSpec, world_size: int, num_workers: int) -> None:
                          f"or pass --num_workers {max(0, len(spec.train_urls) // world_size)}") from None
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGUSR1 (Slurm signals every process
+    of a job; the main process decides, saves and exits, and its workers stop with it)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _seeded_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     """The DataLoader's base-seed generator: worker seeds depend on (seed, epoch, rank) only."""
     return torch.Generator().manual_seed(augmentation_seed(seed, epoch, rank, 10_000))
@@ -102,7 +112,7 @@ def train_loader(cfg: Config, spec: DataSpec, epoch: int, rank: int, world_size:
                              resampled=True, epoch=epoch, rank=rank, world_size=world_size)
     return DataLoader(dataset, batch_size=t.batch_size, num_workers=d.num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      generator=_seeded_generator(t.seed, epoch, rank),
+                      generator=_seeded_generator(t.seed, epoch, rank), worker_init_fn=ignore_preemption_signals,
                       prefetch_factor=4 if d.num_workers > 0 else None)
 
 
@@ -153,5 +163,5 @@ def val_loader(cfg: Config, spec: DataSpec, rank: int, world_size: int, batch_si
     if batch_size is None:
         batch_size = cfg.train.batch_size if d.sampling == "resize" else 1
     workers = min(d.num_workers, max(1, len(spec.val_urls)))
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_preemption_signals,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)

@@ -110,7 +110,7 @@ def _check_resumable(run_dir: Path, cfg: Config) -> None:
 class _Epoch:
     """Running sums of one epoch on this rank (loss stays on the device)."""
 
-    def __init__(self, device, progress: state.Progress, world_size: int):
+    def __init__(self, device, progress: state.Progress):
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float32) + progress.loss_sum
         self.count = progress.loss_count
         self.start = time.perf_counter() - progress.seconds
@@ -156,6 +156,8 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if main:
         state.clean_run_dir(run_dir)
+        if not t.resume:  # starting over: an old last/ must not be resumed by a later rerun
+            state.remove_last(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
         atomic_write_json(run_dir / PROVENANCE_FILE, provenance)
@@ -171,7 +173,7 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
     flag = state.PreemptionFlag().install()
     try:
         for epoch in range(progress.epoch, t.epochs):
-            running = _Epoch(accelerator.device, progress, world)
+            running = _Epoch(accelerator.device, progress)
             model.train()
             loader = iter(data.train_loader(cfg, spec, epoch, rank, world))
             for _ in range(progress.step):  # resume mid-epoch: regenerate and skip what was done

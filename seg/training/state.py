@@ -185,6 +185,12 @@ def load_last(folder: Path, accelerator, model, optimizer, scheduler) -> Progres
     return read_progress(folder)
 
 
+def remove_last(run_dir: Path) -> None:
+    """Delete ``last/`` (and ``last.old/``): used when a run starts over (``--no_resume``)."""
+    for name in (LAST, f"{LAST}.old"):
+        shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
+
+
 def clean_run_dir(run_dir: Path) -> None:
     """Remove temporaries (files and ``.last.tmp-*`` folders) left by a crashed writer."""
     run_dir = Path(run_dir)
