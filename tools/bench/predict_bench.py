@@ -7,8 +7,9 @@ Parts:
   reference  the same cohort (100 images 256x256 JPEG) and the same 31M U-Net (random weights:
              speed does not depend on them): (a) tools/bench/reference_predict.py (Pytorch-UNet's
              method) and (b) `seg predict`, each as a whole process (start-up included).
-  compute    the bf16 compute limit: a bare bf16 channels_last forward of the 31M model at 256px,
-             batch 8, after warm-up (no decode, no writing), images/s and GFLOP/s (96.3
+  compute    the bf16 compute limit: a bare bf16 channels_last forward of the 31M model at 256px
+             (BatchNorm folded, as seg predict runs it), batch 8, 15 s after warm-up (no decode,
+             no writing), images/s and GFLOP/s (96.3
              GFLOP/img, counted by tools/bench/flops.py).
   tiny       a tiny U-Net (base 4, trained size 32) on 20,000 small (32x32) PNGs: `seg predict` vs a bare single-
              process cv2 read+write loop (rate ratio); peak RSS of `seg predict` at 1,000 and
@@ -127,22 +128,25 @@ def part_reference(work: Path, n: int = 100) -> dict:
     return {"reference": ref, "seg_predict": seg, "speedup": round(seg["images_per_s"] / ref["images_per_s"], 2)}
 
 
-def part_compute(work: Path, batch: int = 8, iters: int = 6) -> dict:
+def part_compute(work: Path, batch: int = 8, seconds: float = 15.0) -> dict:
     import torch
 
     from flops import forward_flops_per_image  # tools/bench/flops.py, beside this file
 
     from seg.model import UNet
 
-    model = UNet(3, 64).eval().to(memory_format=torch.channels_last)
+    from seg.inference.engine import fold_batchnorm
+
+    model = fold_batchnorm(UNet(3, 64).eval()).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 256, 256).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)  # warm-up (oneDNN primitive creation)
-        start = time.perf_counter()
-        for _ in range(iters):
+        start, done = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
             model(x)
-        seconds = time.perf_counter() - start
-    rate = batch * iters / seconds
+            done += batch
+        elapsed = time.perf_counter() - start
+    rate = done / elapsed
     gflop = forward_flops_per_image(256) / 1e9
     print(f"bf16 compute limit: {rate:.2f} images/s at batch {batch} = {rate * gflop:.0f} GFLOP/s "
           f"({gflop:.1f} GFLOP/img), torch threads {torch.get_num_threads()}", flush=True)
