@@ -2,6 +2,8 @@
 
 Design choices:
 
+- Adam is fused where supported (``build_optimizer``): on CPU the default foreach Adam took up
+  to a quarter of a 256 px step of the 31M model.
 - ``train_step`` is the whole per-step work (forward under Accelerate's autocast, loss,
   backward, clipping, optimizer step inside ``accelerator.accumulate``) and is shared with the
   benchmark (``tools/bench/train_bench.py``). It makes no host sync: the loss stays a device
@@ -76,12 +78,24 @@ def build_scheduler(cfg: Config, optimizer):
     return None
 
 
+def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam, fused (one kernel over all parameters) where the device supports it, else foreach.
+
+    On this project's 2-core CPU the fused step over the 31M parameters measured 2-3x faster
+    than the default multi-tensor (foreach) Adam, whose ~0.7 s was up to a quarter of a 256 px step.
+    """
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
 def build_training(cfg: Config, accelerator):
     """(model, optimizer, loss) prepared by Accelerate: the U-Net (NHWC if set), Adam, the loss."""
     m, t = cfg.model, cfg.train
     model = build_model(cfg.data.in_channels, m.base_channels, m.bilinear)
     model = prepare_model(accelerator, model, t.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, build_loss(t.loss, t.bce_weight, t.dice_weight)
 
