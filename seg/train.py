@@ -4,9 +4,10 @@ The same command runs as a single process, under ``accelerate launch`` and under
 
     # one process (CPU, or one GPU)
     seg train --data_dir data/shards --checkpoint_dir runs/unet --epochs 50
-    # one node, 4 processes (GPUs, or CPU processes with --cpu)
-    accelerate launch --num_processes 4 -m seg.train --data_dir data/shards --checkpoint_dir runs/unet
+    # one node, 4 processes (one per GPU; on a machine without GPUs, 4 CPU processes over gloo)
+    accelerate launch --multi_gpu --num_processes 4 -m seg.train --data_dir data/shards --checkpoint_dir runs/unet
     torchrun --nproc_per_node 4 -m seg.train --data_dir data/shards --checkpoint_dir runs/unet
+    # (`accelerate launch --cpu --num_processes N` starts ONE process unless mpirun is used)
     # two nodes (run on each node, NODE_RANK 0 and 1, HEAD = node 0's address)
     torchrun --nnodes 2 --node_rank NODE_RANK --nproc_per_node 4 --rdzv_backend c10d \\
         --rdzv_endpoint HEAD:29500 -m seg.train --data_dir data/shards --checkpoint_dir runs/unet
