@@ -7,7 +7,7 @@ crash or a preemption and it finishes what is left::
     seg predict --model_path M.pth --list paths.txt --output_dir preds/ --format tar
     seg predict --model_path M.pth --shards 'shards/val-{000000..000003}.tar' --output_dir preds/
     torchrun --nproc_per_node 8 -m seg.predict --model_path M.pth --image_dir cohort/ --output_dir preds/
-    sbatch --array 0-99 slurm/predict_array.sbatch ...   # each task: seg predict ... (same flags)
+    sbatch --array 0-99 slurm/predict.sbatch --model_path M.pth ...  # each task: its part
     seg predict --summarize preds/                        # afterok: merge/validate the manifest
     seg predict --model_path M.pth --image_path x.png --mask_path x_mask.png --output_dir out/
 

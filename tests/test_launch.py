@@ -158,17 +158,17 @@ def test_submit_py_validates_before_submitting(tmp_path):
 
 
 def test_hpc_doc_commands_refer_to_existing_files_and_flags():
-    """docs/HPC.md (merged into the README): every script it names exists, every `seg doctor`
+    """The README's commands: every script it names exists, every `seg doctor`
     and `launch/submit.py` flag it uses is accepted."""
     import re
     import shlex
 
     from seg.doctor import build_parser
 
-    text = (ROOT / "docs" / "HPC.md").read_text()
+    text = (ROOT / "README.md").read_text()
     for path in set(re.findall(r"\b((?:slurm|launch|tools|configs)/[\w./-]+\.(?:sbatch|sh|py|yaml))", text)):
         if "<" not in path:
-            assert (ROOT / path).is_file(), f"docs/HPC.md names {path}, which does not exist"
+            assert (ROOT / path).is_file(), f"README.md names {path}, which does not exist"
     commands = re.findall(r"^(seg doctor .*?|python launch/submit.py .*?)(?<!\\)$", text.replace("\\\n", " "),
                           flags=re.MULTILINE)
     assert commands
