@@ -51,12 +51,13 @@ class UnitState:
     unit: Unit
     sink: UnitSink
     started: float = field(default_factory=time.perf_counter)
-    futures: list = field(default_factory=list)
+    futures: list = field(default_factory=list)  # writer jobs, each a list of image records
+    submitted: int = 0  # images handed to the writers
     failures: list = field(default_factory=list)
     end: UnitEnd | None = None
 
     def ready(self) -> bool:
-        return (self.end is not None and len(self.futures) == self.end.items
+        return (self.end is not None and self.submitted == self.end.items
                 and all(f.done() for f in self.futures))
 
 
@@ -74,22 +75,37 @@ class RunOptions:
     position: int = 0
 
 
-def remove_unit_temporaries(out_dir: Path, names: list[str]) -> int:
-    """Delete temporaries of earlier runs whose final name is one of ``names`` (this unit's)."""
-    by_dir: dict[Path, set[str]] = {}
+def remove_unit_temporaries(out_dir: Path, names: list[str], seen: dict | None = None) -> int:
+    """Delete temporaries of earlier runs whose final name is one of ``names`` (this unit's).
+
+    ``seen`` (one dict per run) caches each folder's temporaries by final name, listed the
+    first time a finished unit touches the folder: listing a folder of N outputs once per unit
+    made a cohort cost O(N^2). Temporaries created after that listing are this run's own (the
+    unit's are renamed before it finishes) or another worker's, under other units' names.
+    """
+    seen = {} if seen is None else seen
+    by_dir: dict[str, list[str]] = {}
     for name in names:
-        path = out_dir / name
-        by_dir.setdefault(path.parent, set()).add(path.name)
+        folder, final = os.path.split(os.path.join(out_dir, name))
+        by_dir.setdefault(folder, []).append(final)
     removed = 0
     for folder, finals in by_dir.items():
-        try:
-            entries = os.listdir(folder)
-        except FileNotFoundError:
+        if folder not in seen:
+            stale: dict[str, list[str]] = {}
+            try:
+                for entry in os.listdir(folder):
+                    if entry.startswith(".") and TMP_MARK in entry:
+                        stale.setdefault(entry[1:].rsplit(TMP_MARK, 1)[0], []).append(entry)
+            except FileNotFoundError:
+                pass
+            seen[folder] = stale
+        stale = seen[folder]
+        if not stale:
             continue
-        for entry in entries:
-            if entry.startswith(".") and TMP_MARK in entry and entry[1:].rsplit(TMP_MARK, 1)[0] in finals:
+        for final in finals:
+            for entry in stale.pop(final, ()):
                 try:
-                    os.unlink(folder / entry)
+                    os.unlink(os.path.join(folder, entry))
                     removed += 1
                 except FileNotFoundError:
                     pass
@@ -108,6 +124,7 @@ class CohortRun:
         self.first_batch_s: float | None = None
         self.first_batch_start_s: float | None = None
         self._steady_from: tuple[float, int] | None = None  # (time, images) when the first batch was done
+        self._temporaries: dict = {}  # remove_unit_temporaries' per-folder listing cache
 
     def _state(self, index: int) -> UnitState:
         if index not in self.states:
@@ -116,11 +133,11 @@ class CohortRun:
         return self.states[index]
 
     def _finish(self, state: UnitState) -> None:
-        images = sorted((f.result() for f in state.futures), key=lambda r: r["input"])
+        images = sorted((r for f in state.futures for r in f.result()), key=lambda r: r["input"])
         tar = state.sink.close()
         suffixes = ["_mask.png"] + ["_overlay.png"] * self.o.overlay + ["_prob.png"] * self.o.probability
         names = [tar] if tar else [i["output"][: -len("_mask.png")] + s for i in images for s in suffixes]
-        remove_unit_temporaries(self.out_dir, names)
+        remove_unit_temporaries(self.out_dir, names, self._temporaries)
         unit = state.unit
         failed = [{"input": s, "reason": r} for s, r in state.failures]
         append_lines(self.out_dir / FAILURES, [{**f, "unit": unit.id, "model_sha256": self.p.sha256} for f in failed])
@@ -148,9 +165,14 @@ class CohortRun:
             self.first_batch_start_s = process_age()
         probs = self.p.forward_raw(batch)
         self._mark_first_batch()
-        for it, prob in zip(pending, probs):
-            self._state(it.unit).futures.append(writers.submit(self._state(it.unit).sink, it.source, it.rel,
-                                                               prob, it.size, it.image))
+        start = 0
+        for end in range(1, len(pending) + 1):  # one writer job per run of same-unit images
+            if end == len(pending) or pending[end].unit != pending[start].unit:
+                state = self._state(pending[start].unit)
+                state.futures.append(writers.submit_many(state.sink, [
+                    (it.source, it.rel, prob, it.size, it.image) for it, prob in zip(pending[start:end], probs[start:end])]))
+                state.submitted += end - start
+                start = end
         pending.clear()
 
     def _mark_first_batch(self) -> None:
@@ -174,6 +196,7 @@ class CohortRun:
             prob = self.p.predict_tiled(item.x.numpy())
             self._mark_first_batch()
             state.futures.append(writers.submit(state.sink, item.source, item.rel, prob, item.size, item.image))
+            state.submitted += 1
             return
         if pending and pending[0].x.dtype != item.x.dtype:  # 8- and 16-bit scale differently
             self._flush(pending, writers)
@@ -203,7 +226,10 @@ class CohortRun:
         total = sum(len(u) for u in todo) if all(u.kind == "files" for u in todo) else None
         bar = tqdm(total=total, position=self.o.position, desc=f"predict {self.worker + 1}/{self.num_workers}",
                    unit="img", dynamic_ncols=True, mininterval=1.0, disable=not self.o.progress or not todo)
-        writers = Writers(self.p.threshold, self.o.overlay, self.o.probability, self.o.writer_threads)
+        # resize mode: a writer job is a batch (of one unit), so room for two batches in flight;
+        # tile mode: whole-size maps, one per job, the writers' default bound
+        room = None if self.p.mode == "tile" else max(4 * self.o.writer_threads, 2 * self.p.batch_size)
+        writers = Writers(self.p.threshold, self.o.overlay, self.o.probability, self.o.writer_threads, room)
         stream = UnitStream(todo, self.p.preprocessor, keep_image=self.o.overlay,
                             chunk=1 if self.p.mode == "tile" else min(self.p.batch_size, 64))
         pending: list[Item] = []

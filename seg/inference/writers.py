@@ -2,9 +2,11 @@
 
 Design choices:
 
-- Writing runs on ``threads`` threads behind a semaphore of ``max_pending`` jobs: when the
+- Writing runs on ``threads`` threads behind a limit of ``max_pending`` images: when the
   writers fall behind, ``submit`` blocks the main loop instead of queueing without bound, so
-  memory stays bounded whatever the cohort size. The jobs themselves (bilinear resize of the
+  memory stays bounded whatever the cohort size. A job is a batch's images of one unit
+  (``submit_many``), not one image: for small images the per-job handoff (future, semaphore,
+  queue, thread wake-up) cost more than encoding and writing. The jobs themselves (bilinear resize of the
   probabilities back to the original size, thresholding, PNG encoding, file writes) are mostly
   OpenCV and I/O calls that release the GIL, so they overlap with the model's forward.
 - Outputs per image, named from the sanitised stem: ``{stem}_mask.png`` (8-bit 0/255),
@@ -183,16 +185,30 @@ class Writers:
         threshold: probability threshold for masks.
         overlay, probability: also write ``_overlay.png`` / ``_prob.png``.
         threads: writer threads.
-        max_pending: jobs queued or running before ``submit`` blocks (default 4 x threads).
+        max_pending: images queued or being written before ``submit`` blocks (default 4 x
+            threads); a job larger than this waits until nothing else is in flight.
     """
 
     def __init__(self, threshold: float, overlay: bool = False, probability: bool = False,
                  threads: int = 4, max_pending: int | None = None):
         self.threshold, self.overlay, self.probability = threshold, overlay, probability
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="seg-writer")
-        self.slots = threading.BoundedSemaphore(max_pending or 4 * threads)
+        self.max_pending = max_pending or 4 * threads
+        self.pending = 0  # images queued or being written
+        self.room = threading.Condition()
 
-    def _job(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
+    def _acquire(self, n: int) -> None:
+        with self.room:
+            while self.pending and self.pending + n > self.max_pending:
+                self.room.wait()
+            self.pending += n
+
+    def _release(self, n: int) -> None:
+        with self.room:
+            self.pending -= n
+            self.room.notify_all()
+
+    def _one(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
              image: np.ndarray | None) -> dict:
         prob = Predictor.restore(prob, size)
         image = image.numpy() if hasattr(image, "numpy") else image
@@ -201,21 +217,37 @@ class Writers:
             sink.write(rel + suffix, data)
         return {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}
 
+    def _job(self, sink: UnitSink, items: list[tuple]) -> list[dict]:
+        return [self._one(sink, *item) for item in items]
+
+    def submit_many(self, sink: UnitSink, items: list[tuple]) -> Future:
+        """Queue the outputs of several images of one unit as one job (one thread handoff, one
+        future and one semaphore slot for the lot: per-job cost, not encoding, limits small images);
+        blocks while ``max_pending`` images are in flight. The future's result is one record per item.
+
+        Args:
+            items: ``(source, rel, prob, size, image)`` tuples, as ``submit`` takes them.
+        """
+        items = list(items)
+        n = len(items)
+        self._acquire(n)
+        try:
+            future = self.pool.submit(self._job, sink, items)
+        except BaseException:
+            self._release(n)
+            raise
+        future.add_done_callback(lambda _: self._release(n))
+        return future
+
     def submit(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
                image: np.ndarray | None = None) -> Future:
-        """Queue one image's outputs; blocks while ``max_pending`` jobs are in flight.
+        """Queue one image's outputs (a job of one; see ``submit_many``). The future's result is a
+        list holding the image's record.
 
         Shape:
             prob: ``(h, w)`` float32 at the network's size (resized back to ``size`` here).
         """
-        self.slots.acquire()
-        try:
-            future = self.pool.submit(self._job, sink, source, rel, prob, size, image)
-        except BaseException:
-            self.slots.release()
-            raise
-        future.add_done_callback(lambda _: self.slots.release())
-        return future
+        return self.submit_many(sink, [(source, rel, prob, size, image)])
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
