@@ -27,7 +27,8 @@ Design choices:
   model, on the device, in the main process) and ``restore`` (resize back; in writer threads,
   OpenCV releases the GIL).
 - Forward: ``torch.inference_mode``, ``channels_last``, BatchNorm folded into the preceding
-  convolutions (``fold_batchnorm``), and autocast. ``precision='auto'``
+  convolutions (``fold_batchnorm``), and autocast, with the convolution weights stored in the
+  autocast dtype (``cast_for_autocast``: no per-call weight casts, the same arithmetic). ``precision='auto'``
   picks bf16 where the device supports it (CUDA with bf16, or a CPU whose oneDNN has bf16
   kernels), fp16 on older CUDA GPUs, fp32 otherwise. Outputs are always float32 probabilities.
 - ``tta=True`` averages the probabilities of the image and its horizontal, vertical and double
@@ -111,6 +112,22 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
                 if isinstance(layers[i], torch.nn.Conv2d) and isinstance(layers[i + 1], torch.nn.BatchNorm2d):
                     module[i] = fuse_conv_bn_eval(layers[i], layers[i + 1])
                     module[i + 1] = torch.nn.Identity()
+    return model
+
+
+LOW_PRECISION_LAYERS = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
+
+
+def cast_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Store the weights of the layers autocast runs in ``dtype`` (convolutions, linear) in that
+    dtype, once, instead of autocast casting them at every call (in inference mode it caches
+    nothing). The same arithmetic: autocast casts inputs, weights and bias of these layers to
+    ``dtype`` anyway; other layers keep float32. The model is changed in place and returned.
+    """
+    if dtype is not None:
+        for module in model.modules():
+            if isinstance(module, LOW_PRECISION_LAYERS):
+                module.to(dtype)
     return model
 
 
@@ -227,7 +244,7 @@ class Predictor:
                                          self.preprocess["mean"], self.preprocess["std"])
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
-        model = fold_batchnorm(build_from_checkpoint(ckpt)).to(self.device)
+        model = cast_for_autocast(fold_batchnorm(build_from_checkpoint(ckpt)).to(self.device), self.autocast_dtype)
         self.model = model.to(memory_format=torch.channels_last).eval()
 
     # ---- CPU side: delegated to the picklable Preprocessor (DataLoader workers use it) --------
