@@ -152,3 +152,23 @@ def test_eval_transform_matches_prediction_preprocessing(in_channels, shape, dty
     theirs = predictor.prepare(image)
     assert ours.shape == theirs.shape
     assert np.allclose(ours.numpy(), theirs, atol=1e-5)
+
+
+def test_transforms_build_lazily_and_reseeding_before_the_build_is_exact():
+    """albumentations is imported and the pipeline built on first use (in DataLoader workers);
+    a seed given before the build gives the same augmentations as one set after it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from seg.data.transforms import build_train_transform as b; "
+            "t = b(32, [0.5] * 3, [0.2] * 3); assert 'albumentations' not in sys.modules; "
+            "t.reseed(3); assert 'albumentations' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    image = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    mask = _asymmetric_mask(40, 40)
+    lazy, eager = build_train_transform(32, [0.5] * 3, [0.2] * 3), build_train_transform(32, [0.5] * 3, [0.2] * 3)
+    lazy.reseed(7)
+    eager.compose.set_random_seed(7)
+    for _ in range(5):
+        (a, am), (b, bm) = lazy(image, mask), eager(image, mask)
+        assert torch.equal(a, b) and torch.equal(am, bm)

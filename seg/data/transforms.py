@@ -30,6 +30,10 @@ Design choices:
   augmentation stream is a function of (seed, epoch, rank, worker) and never repeats across
   workers (forked workers would otherwise share one state). ``seg.data.shards`` calls it at the
   start of every worker iterator.
+- albumentations (1-1.5 s to import) is imported on first use, and a ``SegTransform`` builds its
+  pipeline on its first call (or ``compose`` access): arguments are checked at construction, but
+  the training process hands the transform to its DataLoader workers unbuilt, so the import and
+  the build happen in the workers, in parallel with the model build (`seg train` start-up).
 
 Shape:
     input image ``HxW`` or ``HxWx3`` ``uint8``/``uint16``, mask ``bool HxW`` or ``None``;
@@ -41,7 +45,8 @@ from __future__ import annotations
 
 import warnings
 
-import albumentations as A
+import functools
+
 import cv2
 import numpy as np
 import torch
@@ -138,14 +143,27 @@ class SegTransform:
         resize_to: side of the square resize done on the raw pixels first (resize mode), or None.
     """
 
-    def __init__(self, compose: A.Compose, in_channels: int, resize_to: int | None = None):
-        self.compose = compose
+    def __init__(self, compose, in_channels: int, resize_to: int | None = None, seed: int | None = None):
+        # compose: an ``A.Compose``, or ``build(seed) -> A.Compose`` called on first use
+        lazy = callable(compose) and not hasattr(compose, "set_random_seed")
+        self._build, self._compose = (compose, None) if lazy else (None, compose)
+        self._seed = seed
         self.in_channels = in_channels
         self.resize_to = resize_to
 
+    @property
+    def compose(self):
+        """The albumentations pipeline, built (and albumentations imported) on first access."""
+        if self._compose is None:
+            self._compose = self._build(self._seed)
+        return self._compose
+
     def reseed(self, seed: int) -> None:
         """Reset the augmentation random state (see ``augmentation_seed``)."""
-        self.compose.set_random_seed(int(seed))
+        if self._compose is None:  # built later with this seed: the same state as set_random_seed
+            self._seed = int(seed)
+        else:
+            self._compose.set_random_seed(int(seed))
 
     def _resize(self, image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         s = self.resize_to
@@ -186,12 +204,16 @@ def _check(image_size: int, mean, std, in_channels: int, sampling: str) -> None:
                          "get them from channel_stats(mode, dataset_info, in_channels)")
 
 
-def _normalize(mean, std) -> A.Normalize:
+def _normalize(mean, std) -> "A.Normalize":
+    import albumentations as A
+
     return A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0)
 
 
-def augmentations() -> list[A.BasicTransform]:
+def augmentations() -> list["A.BasicTransform"]:
     """The training augmentations (after sizing, before normalisation)."""
+    import albumentations as A
+
     return [
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
@@ -219,13 +241,19 @@ def build_train_transform(image_size: int, mean, std, in_channels: int = 3, samp
         ``(image HxW[x3], mask HxW | None) -> (float32 (C, S, S), float32 (1, S, S) | None)``
     """
     _check(image_size, mean, std, in_channels, sampling)
+    build = functools.partial(_train_compose, image_size, tuple(mean), tuple(std), sampling, augment)
+    return SegTransform(build, in_channels, resize_to=image_size if sampling == "resize" else None, seed=seed)
+
+
+def _train_compose(image_size: int, mean, std, sampling: str, augment: bool, seed: int | None) -> "A.Compose":
+    import albumentations as A
+
     sizing = [] if sampling == "resize" else [
         A.PadIfNeeded(min_height=image_size, min_width=image_size, position="center",
                       border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
         A.RandomCrop(image_size, image_size)]
     steps = sizing + (augmentations() if augment else []) + [_normalize(mean, std)]
-    return SegTransform(A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST, seed=seed), in_channels,
-                        resize_to=image_size if sampling == "resize" else None)
+    return A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST, seed=seed)
 
 
 def build_eval_transform(image_size: int, mean, std, in_channels: int = 3, sampling: str = "resize") -> SegTransform:
@@ -238,9 +266,15 @@ def build_eval_transform(image_size: int, mean, std, in_channels: int = 3, sampl
         ``(image HxW[x3], mask | None) -> (float32 (C, S, S) or (C, H16, W16), mask alike)``
     """
     _check(image_size, mean, std, in_channels, sampling)
+    build = functools.partial(_eval_compose, tuple(mean), tuple(std), sampling)
+    return SegTransform(build, in_channels, resize_to=image_size if sampling == "resize" else None, seed=0)
+
+
+def _eval_compose(mean, std, sampling: str, seed: int | None) -> "A.Compose":
+    import albumentations as A
+
     sizing = [] if sampling == "resize" else [
         A.PadIfNeeded(min_height=None, min_width=None, pad_height_divisor=PAD_MULTIPLE,
                       pad_width_divisor=PAD_MULTIPLE, position="center",
                       border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)]
-    return SegTransform(A.Compose(sizing + [_normalize(mean, std)], mask_interpolation=cv2.INTER_NEAREST, seed=0),
-                        in_channels, resize_to=image_size if sampling == "resize" else None)
+    return A.Compose(sizing + [_normalize(mean, std)], mask_interpolation=cv2.INTER_NEAREST, seed=seed)

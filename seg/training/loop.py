@@ -18,6 +18,10 @@ Design choices:
 - Mid-epoch resume regenerates the epoch's data stream (a function of seed, epoch, rank,
   worker) and skips the batches already done, so a deterministic run resumed at any step ends
   with the same weights as an uninterrupted one.
+- Start-up overlap: the first epoch's training and validation loaders (their worker
+  processes) start before the model is built, so data loading, albumentations' import in the
+  workers and the first batches run while this process imports and builds; every epoch's
+  validation workers prefetch during the training steps.
 - Rank 0 writes every shared file; other ranks only join the collectives (gathers, barriers).
   A model checkpoint is serialised once and the same bytes go to best/periodic/final files;
   the final plots render in a thread while the checkpoints are written.
@@ -150,11 +154,16 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
     data.check_shards(spec, world, cfg.data.num_workers)
     steps = data.steps_per_epoch(spec.n_train, t.batch_size, world, t.grad_accum, t.max_steps_per_epoch)
     micro = steps * t.grad_accum
+    last = state.find_last(run_dir) if t.resume else None
+    # The first epoch's loaders start now: their workers import albumentations, decode and
+    # augment while this process builds the model (they use no global RNG: seeded generators).
+    before = state.read_progress(last) if last is not None else state.Progress()
+    done = before.finished and (before.epoch >= t.epochs or before.stopped_early)
+    loaders = None if done or before.epoch >= t.epochs else _start_loaders(cfg, spec, before.epoch, rank, world)
     model, optimizer, loss_fn = build_training(cfg, accelerator)
     scheduler = build_scheduler(cfg, optimizer.optimizer)
 
     progress = state.Progress()
-    last = state.find_last(run_dir) if t.resume else None
     if last is not None:
         _check_resumable(run_dir, cfg)
         progress = state.load_last(last, accelerator, model, optimizer, scheduler)
@@ -189,7 +198,8 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
         for epoch in range(progress.epoch, t.epochs):
             running = _Epoch(accelerator.device, progress)
             model.train()
-            loader = iter(data.train_loader(cfg, spec, epoch, rank, world))
+            loader, val_batches = loaders if loaders is not None else _start_loaders(cfg, spec, epoch, rank, world)
+            loaders = None
             for _ in range(progress.step):  # resume mid-epoch: regenerate and skip what was done
                 next(loader)
             bar = tqdm(total=micro, initial=progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
@@ -218,8 +228,10 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
             del loader
             train_seconds = time.perf_counter() - running.start
             train_loss = running.mean_loss_all_ranks(accelerator)
-            progress = _end_epoch(cfg, accelerator, model, loss_fn, spec, scheduler, optimizer, epoch, progress,
-                                  train_loss, train_seconds, micro * t.batch_size * world, rows, running, ckpt_args)
+            progress = _end_epoch(cfg, accelerator, model, loss_fn, val_batches, spec, scheduler, optimizer, epoch,
+                                  progress, train_loss, train_seconds, micro * t.batch_size * world, rows, running,
+                                  ckpt_args)
+            del val_batches
             if flag.agreed(accelerator) and not progress.finished:
                 _log(accelerator, f"preempted (signal {flag.signum}) after epoch {epoch + 1}: state saved; "
                                   f"exiting with {state.PREEMPTED_EXIT_CODE}")
@@ -233,13 +245,23 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
     return 0
 
 
-def _end_epoch(cfg, accelerator, model, loss_fn, spec, scheduler, optimizer, epoch, progress, train_loss,
-               train_seconds, images, rows, running, ckpt_args) -> state.Progress:
-    """Validate, schedule, checkpoint, plot, log, then save ``last/`` (all ranks)."""
+def _start_loaders(cfg: Config, spec, epoch: int, rank: int, world: int):
+    """(train, validation) batch iterators of one epoch, their workers started now.
+
+    The validation workers read and transform their first batches during the training steps
+    (validation data does not depend on the model) and wait, so validation starts at once.
+    """
+    return (iter(data.train_loader(cfg, spec, epoch, rank, world)),
+            iter(data.val_loader(cfg, spec, rank, world)))
+
+
+def _end_epoch(cfg, accelerator, model, loss_fn, val_batches, spec, scheduler, optimizer, epoch, progress,
+               train_loss, train_seconds, images, rows, running, ckpt_args) -> state.Progress:
+    """Validate (``val_batches``: this rank's share), schedule, checkpoint, plot, log, then save
+    ``last/`` (all ranks)."""
     t = cfg.train
     run_dir = Path(t.checkpoint_dir)
-    loader = data.val_loader(cfg, spec, accelerator.process_index, accelerator.num_processes)
-    report, val_loss, samples = validate(model, loader, loss_fn, accelerator, t.threshold, t.channels_last,
+    report, val_loss, samples = validate(model, val_batches, loss_fn, accelerator, t.threshold, t.channels_last,
                                          expected=spec.n_val, keep_samples=PLOT_SAMPLES)
     dice = report["global"]["dice"]
     lr = optimizer.param_groups[0]["lr"]
