@@ -61,6 +61,19 @@ def test_steps_per_epoch_covers_the_training_set():
     assert data.steps_per_epoch(1000, 4, 1, 1, cap=5) == 5
 
 
+def test_same_checkpoint_under_several_names_is_written_once(tmp_path):
+    from seg.training.loop import _write_checkpoint_files
+
+    (tmp_path / "final_model.pth").write_bytes(b"old")
+    _write_checkpoint_files(tmp_path, ["best_model.pth", "checkpoint_epoch_2.pth", "final_model.pth"], b"weights")
+    files = [tmp_path / n for n in ("best_model.pth", "checkpoint_epoch_2.pth", "final_model.pth")]
+    assert [f.read_bytes() for f in files] == [b"weights"] * 3
+    assert len({f.stat().st_ino for f in files}) == 1 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f.name for f in files)  # hard links, no temporaries left
+    _write_checkpoint_files(tmp_path, ["best_model.pth"], b"better")  # an atomic replace of one name
+    assert [f.read_bytes() for f in files] == [b"better", b"weights", b"weights"]
+
+
 def test_history_roundtrip_drops_epochs_that_will_run_again(tmp_path):
     report = {"global": {m: 0.5 for m in METRIC_NAMES}, "mean": {"dice": 0.4}}
     rows = [history.epoch_row(e, 1.0 / e, 0.9, report, 1e-3, 3.0, 10, 2.0, 0.5) for e in (1, 2, 3)]

@@ -23,13 +23,15 @@ Design choices:
   workers and the first batches run while this process imports and builds; every epoch's
   validation workers prefetch during the training steps.
 - Rank 0 writes every shared file; other ranks only join the collectives (gathers, barriers).
-  A model checkpoint is serialised once and the same bytes go to best/periodic/final files;
+  A model checkpoint is serialised once and written once; best/periodic/final files holding
+  the same weights are hard links to that file (atomic rename into place);
   the final plots render in a thread while the checkpoints are written.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 
 from seg.checkpoint import model_checkpoint
 from seg.config import Config, config_to_dict, config_to_yaml
-from seg.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from seg.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, temporary_name
 from seg.losses import build_loss
 from seg.model import build_model
 from seg.training import data, history, plots, state
@@ -283,12 +285,10 @@ def _end_epoch(cfg, accelerator, model, loss_fn, val_batches, spec, scheduler, o
             plotting = plots.plot_all_in_background([*rows, row], samples, spec.mean, spec.std, t.threshold, run_dir)
         metrics = {**{m: report["global"][m] for m in report["global"]}, "val_loss": val_loss}
         ckpt = _serialize(model_checkpoint(accelerator.unwrap_model(model), epoch=epoch + 1, metrics=metrics, **ckpt_args))
-        if improved:
-            atomic_write_bytes(run_dir / "best_model.pth", ckpt)
-        if t.save_every and (epoch + 1) % t.save_every == 0:
-            atomic_write_bytes(run_dir / f"checkpoint_epoch_{epoch + 1}.pth", ckpt)
-        if finished:
-            atomic_write_bytes(run_dir / "final_model.pth", ckpt)
+        names = (["best_model.pth"] if improved else []) + (
+            [f"checkpoint_epoch_{epoch + 1}.pth"] if t.save_every and (epoch + 1) % t.save_every == 0 else []) + (
+            ["final_model.pth"] if finished else [])
+        _write_checkpoint_files(run_dir, names, ckpt)
         rows.append(row)
         history.write_history(run_dir, rows)
         tqdm.write(history.summary_line(row, t.epochs, improved))
@@ -303,6 +303,27 @@ def _end_epoch(cfg, accelerator, model, loss_fn, val_batches, spec, scheduler, o
     if plotting is not None:
         plotting.join()
     return new
+
+
+def _write_checkpoint_files(run_dir: Path, names: list[str], ckpt: bytes) -> None:
+    """Write the same checkpoint bytes under several names: the first file is written (and
+    fsynced) once, the others are hard links to it, each put in place by an atomic rename.
+
+    A later atomic replace of one name (the next best model) leaves the others untouched.
+    Where hard links are not supported the bytes are written again.
+    """
+    if not names:
+        return
+    first = run_dir / names[0]
+    atomic_write_bytes(first, ckpt)
+    for name in names[1:]:
+        tmp = temporary_name(run_dir / name)
+        try:
+            os.link(first, tmp)
+            os.replace(tmp, run_dir / name)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            atomic_write_bytes(run_dir / name, ckpt)
 
 
 def _serialize(ckpt: dict) -> bytes:
