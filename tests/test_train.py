@@ -61,6 +61,15 @@ def test_steps_per_epoch_covers_the_training_set():
     assert data.steps_per_epoch(1000, 4, 1, 1, cap=5) == 5
 
 
+def test_last_batch_holds_the_rest_of_the_training_set():
+    assert data.last_batch_size(18, 4, 1, 1, data.steps_per_epoch(18, 4, 1, 1)) == 2  # 4+4+4+4+2
+    assert data.last_batch_size(16, 4, 1, 1, 4) == 4
+    assert data.last_batch_size(22, 4, 2, 1, 3) == 3  # 8+8, then 6 over 2 ranks
+    assert data.last_batch_size(17, 4, 2, 1, 3) == 1  # 1 left: at least one image per rank
+    assert data.last_batch_size(18, 4, 1, 4, 2) == 4  # the remainder is not in the last micro-batch
+    assert data.last_batch_size(1000, 4, 1, 1, 5) == 4  # capped epoch
+
+
 def test_same_checkpoint_under_several_names_is_written_once(tmp_path):
     from seg.training.loop import _write_checkpoint_files
 

@@ -9,7 +9,10 @@ Design choices:
   exactly ``steps_per_epoch x grad_accum`` batches per rank, so every rank runs the same number
   of steps and no rank waits for another at the end of an epoch.
 - ``steps_per_epoch`` (optimizer steps) = ceil(train set size / global batch), global batch =
-  batch_size x world size x grad_accum: an epoch sees at least the training set size.
+  batch_size x world size x grad_accum. The epoch's last micro-batch is cut to the remainder
+  (``last_batch_size``, shared over the ranks, at least one image each), as a DataLoader with
+  ``drop_last=False`` does: an epoch trains the training set size, not up to a batch more.
+  With gradient accumulation a remainder that does not fall in the last micro-batch is not cut.
 - Too few shards for ranks x workers is an error before the first step, with the fix.
 - Workers are not persistent: each epoch starts fresh workers, which pick up the epoch's seed.
   Workers ignore SIGTERM/SIGUSR1: Slurm (and ``timeout``) signal the whole process group, and a
@@ -72,6 +75,21 @@ def steps_per_epoch(n_train: int, batch_size: int, world_size: int, grad_accum: 
     """Optimizer steps per epoch: ceil(n_train / global batch), at least 1, at most ``cap`` if > 0."""
     steps = max(1, math.ceil(n_train / (batch_size * world_size * grad_accum)))
     return min(steps, cap) if cap > 0 else steps
+
+
+def last_batch_size(n_train: int, batch_size: int, world_size: int, grad_accum: int, steps: int) -> int:
+    """Per-rank size of an epoch's final micro-batch: the training images left after the
+    other micro-batches, shared over the ranks (ceil, at least 1); ``batch_size`` when they
+    fill it, or when ``steps`` was capped (``max_steps_per_epoch``) below the training set.
+
+    Args:
+        steps: optimizer steps per epoch (``steps_per_epoch``).
+    """
+    per_micro = batch_size * world_size
+    rest = n_train - (steps * grad_accum - 1) * per_micro
+    if rest <= 0 or rest >= per_micro:
+        return batch_size
+    return -(-rest // world_size)
 
 
 def check_shards(spec: DataSpec, world_size: int, num_workers: int) -> None:

@@ -156,6 +156,8 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
     data.check_shards(spec, world, cfg.data.num_workers)
     steps = data.steps_per_epoch(spec.n_train, t.batch_size, world, t.grad_accum, t.max_steps_per_epoch)
     micro = steps * t.grad_accum
+    last_size = data.last_batch_size(spec.n_train, t.batch_size, world, t.grad_accum, steps)
+    epoch_images = ((micro - 1) * t.batch_size + last_size) * world
     last = state.find_last(run_dir) if t.resume else None
     # The first epoch's loaders start now: their workers import albumentations, decode and
     # augment while this process builds the model (they use no global RNG: seeded generators).
@@ -189,7 +191,8 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
         rows = history.read_history(run_dir, before_epoch=progress.epoch) if last is not None else []
         tqdm.write(f"seg train: {describe(accelerator)}\n{config_to_yaml(cfg)}"
                    f"{spec.n_train} training / {spec.n_val} validation images, {steps} steps of "
-                   f"{t.batch_size}x{world}x{t.grad_accum} images per epoch")
+                   f"{t.batch_size}x{world}x{t.grad_accum} images per epoch"
+                   f"{f' (last batch {last_size}x{world})' if last_size < t.batch_size else ''}")
     if accelerator.log_with:
         accelerator.init_trackers(run_dir.name, config={f"{s}.{k}": v for s, sec in config_to_dict(cfg).items()
                                                         for k, v in sec.items()})
@@ -209,6 +212,8 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
             for i in range(progress.step, micro):
                 waited = time.perf_counter()
                 images, masks, _ = next(loader)
+                if i == micro - 1 and last_size < len(images):  # the remainder of the training set
+                    images, masks = images[:last_size], masks[:last_size]
                 running.data_seconds += time.perf_counter() - waited
                 images = to_device(images, accelerator.device, t.channels_last)
                 masks = to_device(masks, accelerator.device, t.channels_last)
@@ -231,7 +236,7 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
             train_seconds = time.perf_counter() - running.start
             train_loss = running.mean_loss_all_ranks(accelerator)
             progress = _end_epoch(cfg, accelerator, model, loss_fn, val_batches, spec, scheduler, optimizer, epoch,
-                                  progress, train_loss, train_seconds, micro * t.batch_size * world, rows, running,
+                                  progress, train_loss, train_seconds, epoch_images, rows, running,
                                   ckpt_args)
             del val_batches
             if flag.agreed(accelerator) and not progress.finished:

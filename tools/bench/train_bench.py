@@ -12,7 +12,8 @@ Part 1, steps (one process, 256x256, batch 4, the full 31M U-Net, random inputs,
   measured in the same run (the practical bf16 limit of this CPU).
 Part 2, whole processes, start to end: one epoch of 18 training images at 256x256 with
   `python -m seg.train` (defaults, batch 4) against ``reference_train.py`` on the same images
-  and the same validation images.
+  and the same validation images; both train the 18 images once (the reference's last batch
+  holds 2, as does seg train's), printed as "images trained".
 
     python tools/bench/train_bench.py [--rounds 3 --steps 2] [--skip_process] [--json OUT.json]
 """
@@ -20,6 +21,7 @@ Part 2, whole processes, start to end: one epoch of 18 training images at 256x25
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import subprocess
@@ -150,8 +152,16 @@ def process_benchmark(work: Path) -> dict:
     print(f"reference_train.py: {ref_s:.1f} s | {ref_out.strip().splitlines()[0]}", flush=True)
     seg_s, seg_out = timed(seg_cmd, ROOT)
     print(f"seg train:          {seg_s:.1f} s | {seg_out.strip().splitlines()[-1]}", flush=True)
+    # images actually trained by each (equal for a fair comparison: the reference's DataLoader
+    # keeps its last partial batch, seg train cuts its last batch to the rest of the set)
+    ref_images = int(ref_out.split(" images,")[0].split()[-1])
+    with open(work / "seg_run" / "history.csv") as fh:
+        row = next(csv.DictReader(fh))
+    seg_images = round(float(row["images_per_s"]) * float(row["train_seconds"]))
+    print(f"images trained: reference {ref_images}, seg train {seg_images}", flush=True)
     return {"train_images": 18, "val_images": len(val), "reference_seconds": ref_s, "seg_seconds": seg_s,
-            "speedup": ref_s / seg_s, "seg_command": " ".join(seg_cmd[1:]), "reference_command": " ".join(ref_cmd[1:])}
+            "speedup": ref_s / seg_s, "reference_images_trained": ref_images, "seg_images_trained": seg_images,
+            "seg_command": " ".join(seg_cmd[1:]), "reference_command": " ".join(ref_cmd[1:])}
 
 
 def main() -> int:
