@@ -163,4 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # no module teardown of torch at exit (0.5 s of every run, measured on 1,000 small images);
+    # threads are joined and atexit handlers run first (see seg.train.exit_now)
+    _code = main()
+    from seg.train import exit_now
+
+    exit_now(_code)
