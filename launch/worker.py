@@ -9,14 +9,14 @@ crash. Each worker therefore writes ``$SEG_EXIT_DIR/rank-$RANK`` holding its exi
 ``slurm/train.sbatch`` requeues the job only when a rank exited 75 and none failed otherwise.
 Without ``SEG_EXIT_DIR`` nothing is written and this is a plain ``python -m MODULE``.
 
-The module runs in this process (runpy), so signals reach the trainer directly. This file
+The module's main() runs in this process, so signals reach the trainer directly. This file
 lives outside ``seg/``: it reads RANK only to name its file.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-import runpy
 import sys
 from pathlib import Path
 
@@ -44,17 +44,21 @@ def record(code: int) -> None:
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         sys.exit("usage: worker.py MODULE [ARGS...]   e.g. worker.py seg.train --config configs/cpu-smoke.yaml")
-    module = sys.argv[1]
-    sys.argv = [module, *sys.argv[2:]]
+    module_name, args = sys.argv[1], sys.argv[2:]
+    sys.argv = [module_name, *args]
+    # The module's main() is called here (not run as __main__): a module whose entry point ends
+    # the process itself (seg.train's exit_now skips the interpreter teardown) would otherwise
+    # exit before this rank's code is recorded.
+    module = importlib.import_module(module_name)
     code = 1
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-        code = 0
+        code = int(module.main(args) or 0)
     except SystemExit as exc:
         code = _exit_code(exc)
         raise
     finally:
         record(code)
+    getattr(module, "exit_now", sys.exit)(code)
 
 
 if __name__ == "__main__":

@@ -46,5 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def console_main() -> None:
+    """The `seg` console script: like main(), but ends the process without the interpreter's
+    module teardown (1-2 s after torch is loaded; see seg.train.exit_now)."""
+    code = main()
+    from seg.train import exit_now
+
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

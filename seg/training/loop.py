@@ -240,6 +240,8 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
                                   ckpt_args)
             del val_batches
             if flag.agreed(accelerator) and not progress.finished:
+                if accelerator.is_main_process:
+                    state.mark_preempted(run_dir, progress)
                 _log(accelerator, f"preempted (signal {flag.signum}) after epoch {epoch + 1}: state saved; "
                                   f"exiting with {state.PREEMPTED_EXIT_CODE}")
                 return state.PREEMPTED_EXIT_CODE

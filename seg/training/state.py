@@ -27,7 +27,7 @@ import json
 import random
 import shutil
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +150,14 @@ def save_last(run_dir: Path, accelerator, model, optimizer, scheduler, progress:
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def mark_preempted(run_dir: Path, progress: Progress) -> None:
+    """Record in ``last/progress.json`` that the run stopped on a signal after a complete epoch.
+
+    The epoch-end save already wrote the full state; only the flag changes (rank 0, atomic).
+    """
+    atomic_write_json(Path(run_dir) / LAST / PROGRESS_FILE, asdict(replace(progress, preempted=True)))
 
 
 def find_last(run_dir: Path) -> Path | None:
