@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on built-in demo data: demo data -> prepare -> train -> predict -> evaluate.
-#   bash tools/demo.sh            (about 3-5 minutes on a 2-core CPU)
+#   bash tools/demo.sh            (a few minutes on a 2-core CPU)
 # Everything lands under demo/ (DEMO_DIR to change); rerunning resumes/redoes nothing that is done.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 DEMO="${DEMO_DIR:-$ROOT/demo}"
@@ -26,9 +26,11 @@ else
   echo "exists, kept"
 fi
 
-step "3/5 seg train (configs/cpu-smoke.yaml settings, $EPOCHS epochs) -> $DEMO/run"
-seg train --config configs/cpu-smoke.yaml --data_dir "$DEMO/shards" --checkpoint_dir "$DEMO/run" \
-  --epochs "$EPOCHS" --image_size 128 model.base_channels=16 train.max_steps_per_epoch=0 data.num_workers=2
+step "3/5 seg train ($EPOCHS epochs, U-Net width 16 at ${SIZE}px, bf16 on CPU) -> $DEMO/run"
+# The code defaults (bf16 autocast, channels_last, Adam 1e-3, BCE + Dice, plateau schedule) with a
+# smaller network and input so that it finishes in minutes on a 2-core CPU.
+seg train --data_dir "$DEMO/shards" --checkpoint_dir "$DEMO/run" --epochs "$EPOCHS" --batch_size 8 \
+  --image_size "$SIZE" --num_workers 2 model.base_channels=16 train.save_every=0
 
 step "4/5 seg predict on the validation shards -> $DEMO/predictions"
 seg predict --model_path "$DEMO/run/best_model.pth" --shards "$DEMO/shards/val-*.tar" \
@@ -41,3 +43,4 @@ step "done"
 echo "run folder:        $DEMO/run (history.csv, training_history.png, sample_predictions.png)"
 echo "predicted masks:   $DEMO/predictions"
 echo "evaluation report: $DEMO/evaluation/evaluation_report.txt (+ .json and plots)"
+echo "(the best single global intensity threshold scores a pooled Dice of about 0.29 on this data: seg/data/demo.py)"
