@@ -21,24 +21,14 @@ import sys
 from pathlib import Path
 
 
-def _exit_code(exc: SystemExit) -> int:
-    if exc.code is None:
-        return 0
-    if isinstance(exc.code, int):
-        return exc.code
-    return 1  # sys.exit("message") prints the message and exits 1
-
-
 def record(code: int) -> None:
     """Write this rank's exit code under $SEG_EXIT_DIR (atomic: temp name, then rename)."""
     folder = os.environ.get("SEG_EXIT_DIR")
     if not folder:
         return
-    path = Path(folder) / f"rank-{os.environ.get('RANK', '0')}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{code}\n")
-    os.replace(tmp, path)
+    from seg.fileio import atomic_write_text
+
+    atomic_write_text(Path(folder) / f"rank-{os.environ.get('RANK', '0')}", f"{code}\n")
 
 
 def main() -> None:
@@ -46,19 +36,12 @@ def main() -> None:
         sys.exit("usage: worker.py MODULE [ARGS...]   e.g. worker.py seg.train --config configs/cpu-smoke.yaml")
     module_name, args = sys.argv[1], sys.argv[2:]
     sys.argv = [module_name, *args]
-    # The module's main() is called here (not run as __main__): a module whose entry point ends
-    # the process itself (seg.train's exit_now skips the interpreter teardown) would otherwise
-    # exit before this rank's code is recorded.
-    module = importlib.import_module(module_name)
-    code = 1
-    try:
-        code = int(module.main(args) or 0)
-    except SystemExit as exc:
-        code = _exit_code(exc)
-        raise
-    finally:
-        record(code)
-    getattr(module, "exit_now", sys.exit)(code)
+    # The module's main() is called here (not run as __main__), so that this rank's exit code
+    # is recorded before seg.cli.run_command ends the process (without the interpreter's
+    # teardown, and with the DataLoader workers killed: see seg/cli.py).
+    from seg.cli import run_command
+
+    run_command(lambda: importlib.import_module(module_name).main(args), on_exit=record)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-import sys
+"""``python -m seg``: the same as the `seg` command."""
 
-from seg.cli import main
+from seg.cli import console_main
 
-sys.exit(main())
+console_main()

@@ -5,7 +5,7 @@ Example::
     seg demo-data data/demo --n 200 --size 128 --seed 0
     seg prepare --images data/demo/images --masks data/demo/masks --out data/demo_shards
 
-The generator and what makes it a real learning task are described in ``seg.data.demo``.
+The generator and what makes it a real learning task are described in ``seg.data.synthetic``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from seg.data.demo import make_demo_dataset
+    from seg.data.synthetic import make_demo_dataset
 
     start = time.perf_counter()
     try:
@@ -41,4 +41,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from seg.cli import run_command
+
+    run_command(main)

@@ -6,7 +6,7 @@ Examples::
     seg prepare --pairs pairs.csv --out data/shards --val_split 0.1 --strict
     seg prepare --images cohort/ --out cohort_shards          # unlabelled, for prediction
 
-The work lives in ``seg.data.prepare``; this module only parses flags.
+The work lives in ``seg.data.sharding``; this module only parses flags.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.masks and not args.images:
         print("seg prepare: --masks needs --images", file=sys.stderr)
         return 2
-    from seg.data.prepare import PrepareError, prepare_dataset, summary_text
+    from seg.data.sharding import PrepareError, prepare_dataset, summary_text
 
     suffixes = ("",) + tuple(s.strip() for s in args.mask_suffixes.split(",") if s.strip())
     start = time.perf_counter()
@@ -64,4 +64,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from seg.cli import run_command
+
+    run_command(main)

@@ -79,31 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def exit_now(code: int) -> None:
-    """End this process with ``code`` without the interpreter's module teardown.
-
-    After torch, accelerate and matplotlib are loaded, Python's final teardown (freeing every
-    module) takes 1-2 s on a small CPU and does nothing useful: every file of the run is
-    already closed. Non-daemon threads are joined and the ``atexit`` handlers (DataLoader
-    worker clean-up, loggers, trackers) run as in a normal exit; then ``os._exit``. Only for the
-    process's entry point (``python -m seg.train``, ``torchrun``/``accelerate launch -m
-    seg.train``), never inside a caller's process.
-    """
-    import atexit
-    import os
-    import threading
-
-    shutdown = getattr(threading, "_shutdown", None)  # joins non-daemon threads, as Py_Finalize does
-    if shutdown is not None:
-        shutdown()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    exit_now(main())
+    from seg.cli import run_command
+
+    run_command(main)

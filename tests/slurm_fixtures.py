@@ -166,8 +166,8 @@ def manifest_inputs(out_dir: Path) -> list[tuple[int, str]]:
 @pytest.fixture(scope="session")
 def smoke_shards(tmp_path_factory) -> Path:
     """24 demo pairs of 64 px in shards of 4 (6 train shards: enough for 4 ranks x 1 worker)."""
-    from seg.data.demo import make_demo_dataset
-    from seg.data.prepare import prepare_dataset
+    from seg.data.synthetic import make_demo_dataset
+    from seg.data.sharding import prepare_dataset
 
     root = tmp_path_factory.mktemp("slurm-data")
     make_demo_dataset(root / "demo", n=24, size=64)

@@ -1,10 +1,10 @@
-"""seg.data.demo: deterministic, non-trivial masks, and a task a global threshold cannot solve."""
+"""seg.data.synthetic: deterministic, non-trivial masks, and a task a global threshold cannot solve."""
 
 import cv2
 import numpy as np
 import pytest
 
-from seg.data.demo import make_demo_dataset
+from seg.data.synthetic import make_demo_dataset
 from seg.data.io import read_image, read_mask
 from seg.demo_data import main
 

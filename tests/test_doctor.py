@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from seg.doctor import Check, main
-from seg.doctor.checks import check_pairs, check_rendezvous, check_shards
-from seg.doctor.slurm import _minutes, check_sbatch, parse_sbatch_options
+from seg.doctor import main
+from seg.preflight import Check
+from seg.preflight.checks import check_pairs, check_rendezvous, check_shards
+from seg.preflight.slurm import _minutes, check_sbatch, parse_sbatch_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """12 demo pairs in shards of 5 -> 2 train shards (and a val shard)."""
-    from seg.data.demo import make_demo_dataset
-    from seg.data.prepare import prepare_dataset
+    from seg.data.synthetic import make_demo_dataset
+    from seg.data.sharding import prepare_dataset
 
     root = tmp_path_factory.mktemp("doctor")
     make_demo_dataset(root / "demo", n=12, size=32)
@@ -89,7 +90,7 @@ def test_sbatch_signal_form_requeue_time_and_log_folder(tmp_path):
 
 
 def test_pairs_counts_missing_masks(tmp_path):
-    from seg.data.demo import make_demo_dataset
+    from seg.data.synthetic import make_demo_dataset
 
     make_demo_dataset(tmp_path / "d", n=4, size=32)
     (tmp_path / "d" / "masks" / "0001_mask.png").unlink()

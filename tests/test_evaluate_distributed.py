@@ -52,8 +52,8 @@ def test_two_ranks_equal_one_process_masks(tmp_path):
 
 
 def test_two_ranks_equal_one_process_model(tmp_path):
-    from seg.data.demo import make_demo_dataset
-    from seg.data.prepare import prepare_dataset
+    from seg.data.synthetic import make_demo_dataset
+    from seg.data.sharding import prepare_dataset
 
     make_demo_dataset(tmp_path / "raw", n=7, size=40, seed=5)
     prepare_dataset(images=tmp_path / "raw" / "images", masks=tmp_path / "raw" / "masks", out=tmp_path / "shards",

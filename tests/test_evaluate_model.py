@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from seg.checkpoint import model_checkpoint, save_checkpoint
-from seg.data.demo import make_demo_dataset
+from seg.data.synthetic import make_demo_dataset
 from seg.data.io import read_image, read_mask
 from seg.data.pairing import find_pairs
-from seg.data.prepare import prepare_dataset
+from seg.data.sharding import prepare_dataset
 from seg.evaluate import main
 from seg.evaluation.scoring import SWEEP_THRESHOLDS
 from seg.metrics import confusion_counts, metrics_from_counts

@@ -33,8 +33,8 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from seg.data.demo import make_demo_dataset
-    from seg.data.prepare import prepare_dataset
+    from seg.data.synthetic import make_demo_dataset
+    from seg.data.sharding import prepare_dataset
 
     root = tmp_path_factory.mktemp("gpu_data")
     raw = make_demo_dataset(root / "raw", n=48, size=64, seed=0)

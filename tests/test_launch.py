@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from slurm_fixtures import RUN_FILES, history_epochs, smoke_shards, smoke_train_args  # noqa: F401
 
-from seg.doctor.slurm import check_sbatch, parse_sbatch_options
+from seg.preflight.slurm import check_sbatch, parse_sbatch_options
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["slurm/train.sbatch", "slurm/predict.sbatch", "slurm/summarize.sbatch", "launch/torchrun.sh",

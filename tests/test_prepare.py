@@ -17,7 +17,7 @@ import webdataset as wds
 
 from seg.data.io import read_image, read_mask, to_float01
 from seg.data.pairing import split_of
-from seg.data.prepare import PrepareError, ShardSeries, prepare_dataset
+from seg.data.sharding import PrepareError, ShardSeries, prepare_dataset
 from seg.prepare import main
 
 RNG = np.random.default_rng(1)

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from seg.checkpoint import CheckpointError, load_checkpoint
-from seg.data.demo import make_demo_dataset
-from seg.data.prepare import prepare_dataset
+from seg.data.synthetic import make_demo_dataset
+from seg.data.sharding import prepare_dataset
 from seg.metrics import METRIC_NAMES
-from seg.training import data, history, state
+from seg.training import history, loaders, state
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--image_size", "32", "--batch_size", "4", "model.base_channels=4", "data.num_workers=1"]
@@ -54,20 +54,20 @@ def shards(tmp_path_factory) -> tuple[Path, dict]:
 # ---- building blocks ------------------------------------------------------------------------
 
 def test_steps_per_epoch_covers_the_training_set():
-    assert data.steps_per_epoch(22, 4, 1, 1) == 6  # ceil(22 / 4)
-    assert data.steps_per_epoch(22, 4, 2, 1) == 3
-    assert data.steps_per_epoch(22, 4, 2, 2) == 2
-    assert data.steps_per_epoch(3, 8, 4, 1) == 1
-    assert data.steps_per_epoch(1000, 4, 1, 1, cap=5) == 5
+    assert loaders.steps_per_epoch(22, 4, 1, 1) == 6  # ceil(22 / 4)
+    assert loaders.steps_per_epoch(22, 4, 2, 1) == 3
+    assert loaders.steps_per_epoch(22, 4, 2, 2) == 2
+    assert loaders.steps_per_epoch(3, 8, 4, 1) == 1
+    assert loaders.steps_per_epoch(1000, 4, 1, 1, cap=5) == 5
 
 
 def test_last_batch_holds_the_rest_of_the_training_set():
-    assert data.last_batch_size(18, 4, 1, 1, data.steps_per_epoch(18, 4, 1, 1)) == 2  # 4+4+4+4+2
-    assert data.last_batch_size(16, 4, 1, 1, 4) == 4
-    assert data.last_batch_size(22, 4, 2, 1, 3) == 3  # 8+8, then 6 over 2 ranks
-    assert data.last_batch_size(17, 4, 2, 1, 3) == 1  # 1 left: at least one image per rank
-    assert data.last_batch_size(18, 4, 1, 4, 2) == 4  # the remainder is not in the last micro-batch
-    assert data.last_batch_size(1000, 4, 1, 1, 5) == 4  # capped epoch
+    assert loaders.last_batch_size(18, 4, 1, 1, loaders.steps_per_epoch(18, 4, 1, 1)) == 2  # 4+4+4+4+2
+    assert loaders.last_batch_size(16, 4, 1, 1, 4) == 4
+    assert loaders.last_batch_size(22, 4, 2, 1, 3) == 3  # 8+8, then 6 over 2 ranks
+    assert loaders.last_batch_size(17, 4, 2, 1, 3) == 1  # 1 left: at least one image per rank
+    assert loaders.last_batch_size(18, 4, 1, 4, 2) == 4  # the remainder is not in the last micro-batch
+    assert loaders.last_batch_size(1000, 4, 1, 1, 5) == 4  # capped epoch
 
 
 def test_same_checkpoint_under_several_names_is_written_once(tmp_path):

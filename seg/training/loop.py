@@ -44,7 +44,7 @@ from seg.config import Config, config_to_dict, config_to_yaml
 from seg.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, temporary_name
 from seg.losses import build_loss
 from seg.model import build_model
-from seg.training import data, history, plots, state
+from seg.training import history, loaders, plots, state
 from seg.training.accel import build_accelerator, describe, prepare_model, resolve_mixed_precision, to_device
 from seg.training.provenance import PROVENANCE_FILE, collect_provenance
 from seg.training.validate import validate
@@ -152,18 +152,18 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
     run_dir = Path(t.checkpoint_dir)
     accelerator = build_accelerator(cfg, project_dir=str(run_dir))
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    spec = data.DataSpec(cfg)
-    data.check_shards(spec, world, cfg.data.num_workers)
-    steps = data.steps_per_epoch(spec.n_train, t.batch_size, world, t.grad_accum, t.max_steps_per_epoch)
+    spec = loaders.DataSpec(cfg)
+    loaders.check_shards(spec, world, cfg.data.num_workers)
+    steps = loaders.steps_per_epoch(spec.n_train, t.batch_size, world, t.grad_accum, t.max_steps_per_epoch)
     micro = steps * t.grad_accum
-    last_size = data.last_batch_size(spec.n_train, t.batch_size, world, t.grad_accum, steps)
+    last_size = loaders.last_batch_size(spec.n_train, t.batch_size, world, t.grad_accum, steps)
     epoch_images = ((micro - 1) * t.batch_size + last_size) * world
     last = state.find_last(run_dir) if t.resume else None
     # The first epoch's loaders start now: their workers import albumentations, decode and
     # augment while this process builds the model (they use no global RNG: seeded generators).
     before = state.read_progress(last) if last is not None else state.Progress()
     done = before.finished and (before.epoch >= t.epochs or before.stopped_early)
-    loaders = None if done or before.epoch >= t.epochs else _start_loaders(cfg, spec, before.epoch, rank, world)
+    started = None if done or before.epoch >= t.epochs else _start_loaders(cfg, spec, before.epoch, rank, world)
     model, optimizer, loss_fn = build_training(cfg, accelerator)
     scheduler = build_scheduler(cfg, optimizer.optimizer)
 
@@ -203,8 +203,8 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
         for epoch in range(progress.epoch, t.epochs):
             running = _Epoch(accelerator.device, progress)
             model.train()
-            loader, val_batches = loaders if loaders is not None else _start_loaders(cfg, spec, epoch, rank, world)
-            loaders = None
+            loader, val_batches = started if started is not None else _start_loaders(cfg, spec, epoch, rank, world)
+            started = None
             for _ in range(progress.step):  # resume mid-epoch: regenerate and skip what was done
                 next(loader)
             bar = tqdm(total=micro, initial=progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
@@ -260,8 +260,8 @@ def _start_loaders(cfg: Config, spec, epoch: int, rank: int, world: int):
     The validation workers read and transform their first batches during the training steps
     (validation data does not depend on the model) and wait, so validation starts at once.
     """
-    return (iter(data.train_loader(cfg, spec, epoch, rank, world)),
-            iter(data.val_loader(cfg, spec, rank, world)))
+    return (iter(loaders.train_loader(cfg, spec, epoch, rank, world)),
+            iter(loaders.val_loader(cfg, spec, rank, world)))
 
 
 def _end_epoch(cfg, accelerator, model, loss_fn, val_batches, spec, scheduler, optimizer, epoch, progress,

@@ -2,7 +2,7 @@
 
 Design choices:
 
-- Each rank scores only its share (``seg.training.data.val_loader``), with the unwrapped model
+- Each rank scores only its share (``seg.training.loaders.val_loader``), with the unwrapped model
   in eval mode (no DDP hooks, so ranks with different sample counts never meet in a collective
   during the pass), under the same autocast as training.
 - Per image it keeps the key, the TP/FP/FN/TN counts (``seg.metrics.confusion_counts``) and the
@@ -103,7 +103,7 @@ def run_validation(cfg, model_path: str) -> dict:
     from seg.checkpoint import load_model
     from seg.fileio import atomic_write_json
     from seg.losses import build_loss
-    from seg.training import data
+    from seg.training import loaders
     from seg.training.accel import build_accelerator, prepare_model
 
     accelerator = build_accelerator(cfg)
@@ -111,10 +111,10 @@ def run_validation(cfg, model_path: str) -> dict:
     p = ckpt["preprocess"]
     cfg = replace(cfg, data=replace(cfg.data, image_size=p["image_size"], in_channels=p["in_channels"],
                                     sampling=p.get("sampling", "resize")))
-    spec = data.DataSpec(cfg)
+    spec = loaders.DataSpec(cfg)
     spec.mean, spec.std = list(p["mean"]), list(p["std"])
     model = prepare_model(accelerator, model, cfg.train.channels_last)
-    loader = data.val_loader(cfg, spec, accelerator.process_index, accelerator.num_processes)
+    loader = loaders.val_loader(cfg, spec, accelerator.process_index, accelerator.num_processes)
     loss_fn = build_loss(cfg.train.loss, cfg.train.bce_weight, cfg.train.dice_weight)
     report, val_loss, _ = validate(model, loader, loss_fn, accelerator, float(ckpt.get("threshold", 0.5)),
                                    cfg.train.channels_last, expected=spec.n_val)

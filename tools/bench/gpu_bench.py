@@ -144,8 +144,8 @@ def predict_rate(work: Path, n: int, side: int, batch: int) -> dict:
 
 def train_process(work: Path, side: int, batch: int, n: int) -> dict:
     """`seg train` through accelerate launch on generated shards; images/s and data-wait share."""
-    from seg.data.demo import make_demo_dataset
-    from seg.data.prepare import prepare_dataset
+    from seg.data.synthetic import make_demo_dataset
+    from seg.data.sharding import prepare_dataset
 
     raw = make_demo_dataset(work / "raw", n=n, size=side, seed=0)
     shards = work / "shards"

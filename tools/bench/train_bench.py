@@ -114,8 +114,8 @@ def step_benchmark(rounds: int, steps: int) -> dict:
 
 def make_data(work: Path, n_train: int = 18) -> tuple[Path, Path, list[str]]:
     """Demo images at 256 px, sharded so that exactly ``n_train`` are training images."""
-    from seg.data.demo import make_demo_dataset
-    from seg.data.prepare import prepare_dataset
+    from seg.data.synthetic import make_demo_dataset
+    from seg.data.sharding import prepare_dataset
 
     for n in range(n_train + 2, n_train + 12):
         raw = make_demo_dataset(work / f"raw{n}", n=n, size=SIDE, seed=0)

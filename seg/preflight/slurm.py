@@ -11,7 +11,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from seg.doctor import Check
+from seg.preflight import Check
 
 SIGNAL_RE = re.compile(r"^(?:(?P<where>[BR]):)?(?P<sig>[A-Z0-9]+)(?:@(?P<sec>\d+))?$")
 

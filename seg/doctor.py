@@ -19,8 +19,8 @@ Checks (each runs when its inputs are given; the machine checks always run):
 - prediction: inputs, units vs workers, expected output files and bytes, free disk, and the
   ``--format tar`` hint above ``--tar_threshold`` files.
 
-Design choices: checks are plain functions returning ``Check`` records (``seg.doctor.checks``,
-``seg.doctor.slurm``, ``seg.doctor.predict``), so tests and other tools can call them one by
+Design choices: checks are plain functions returning ``Check`` records (``seg.preflight.checks``,
+``seg.preflight.slurm``, ``seg.preflight.outputs``), so tests and other tools can call them one by
 one; nothing here reads Slurm variables (``--head`` is given explicitly, e.g.
 ``--head $(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)``).
 """
@@ -29,30 +29,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 
-STATUSES = ("ok", "warn", "fail")
-
-
-@dataclass(frozen=True)
-class Check:
-    """One finding: ``status`` is 'ok', 'warn' or 'fail'; ``fix`` says what to do when not ok."""
-
-    status: str
-    name: str
-    message: str
-    fix: str = ""
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"Check.status={self.status!r}; valid values are {', '.join(STATUSES)}")
-
-    def format(self) -> str:
-        label = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}[self.status]
-        text = f"{label}  {self.name:<11} {self.message}"
-        if self.fix and self.status != "ok":
-            text += f"\n      {'':<11} fix: {self.fix}"
-        return text
+from seg.preflight import STATUSES, Check
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_checks(args: argparse.Namespace) -> list[Check]:
     """All checks that apply to ``args`` (parsed by ``build_parser``), in report order."""
-    from seg.doctor import checks, predict, slurm
+    from seg.preflight import checks, outputs, slurm
 
     results: list[Check] = []
     gpus = args.gpus_per_node
@@ -107,7 +85,7 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
     if args.sbatch:
         results += slurm.check_sbatch(args.sbatch)
     if args.image_dir or args.list_path or args.shards:
-        results += predict.check_prediction(args, workers=args.num_parts * nproc)
+        results += outputs.check_prediction(args, workers=args.num_parts * nproc)
     return results
 
 
@@ -119,3 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = {s: sum(c.status == s for c in results) for s in STATUSES}
     print(f"\n{counts['ok']} ok, {counts['warn']} warning(s), {counts['fail']} failure(s)")
     return 1 if counts["fail"] else 0
+
+
+if __name__ == "__main__":
+    from seg.cli import run_command
+
+    run_command(main)

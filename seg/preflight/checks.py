@@ -13,7 +13,7 @@ import socket
 from collections import Counter
 from pathlib import Path
 
-from seg.doctor import Check
+from seg.preflight import Check
 
 # A train shard holding fewer than this fraction of the median shard's samples is "unbalanced".
 BALANCE_RATIO = 0.5

@@ -14,7 +14,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from seg.doctor import Check
+from seg.preflight import Check
 
 BYTES_PER_PIXEL = {"mask": 0.1, "overlay": 1.5, "probability": 1.0}
 SAMPLE = 8  # inputs whose size is read for the estimate
