@@ -14,6 +14,8 @@ import argparse
 import sys
 import time
 
+from seg import exitcodes
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seg demo-data", description=__doc__.split("\n\n")[0],
@@ -34,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         out = make_demo_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
     except ValueError as exc:
         print(f"seg demo-data: error: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     print(f"wrote {args.n} pairs of {args.size}px to {out}/images and {out}/masks "
           f"in {time.perf_counter() - start:.2f} s")
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

@@ -30,12 +30,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from seg import exitcodes
+from seg.config import PredictConfig, add_config_arguments
+from seg.config.fields import add_flags, from_flags
 from seg.preflight import STATUSES, Check
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from seg.config import add_config_arguments
-
     p = argparse.ArgumentParser(prog="seg doctor", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -49,16 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sbatch", metavar="SCRIPT", help="sbatch script to check (--signal, --requeue, log folder)")
     a("--images", help="raw images folder to pair with --masks (before `seg prepare`)")
     a("--masks", help="raw masks folder")
-    g = p.add_argument_group("prediction")
-    g.add_argument("--image_dir", help="cohort folder, as for `seg predict`")
-    g.add_argument("--list", dest="list_path", metavar="FILE", help="text file of image paths")
-    g.add_argument("--shards", help="shard glob or brace pattern")
-    g.add_argument("--output_dir", default="predictions", help="where seg predict will write")
-    g.add_argument("--format", choices=("png", "tar"), default="png", help="output format of seg predict")
-    g.add_argument("--save_overlay", action="store_true", help="count the overlay files too")
-    g.add_argument("--save_probability", action="store_true", help="count the probability maps too")
-    g.add_argument("--unit_size", type=int, default=256, help="paths per unit, as for seg predict")
-    g.add_argument("--num_parts", type=int, default=1, help="array tasks (or --part count) of the run")
+    g = p.add_argument_group("prediction (the same flags as seg predict)")
+    add_flags(g, PredictConfig, names=["image_dir", "list_path", "shards", "output_dir", "format", "save_overlay",
+                                       "save_probability", "unit_size", "num_parts"])
     g.add_argument("--tar_threshold", type=int, default=1_000_000,
                    help="output files above which --format tar is advised")
     return p
@@ -72,7 +66,7 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
     gpus = args.gpus_per_node
     nproc = args.nproc_per_node or gpus or 1
     world = args.nodes * nproc
-    train_given = args.config is not None or args.data_dir is not None or bool(args.overrides)
+    train_given = args.config is not None or hasattr(args, "data__data_dir") or bool(args.overrides)
     if train_given:
         cfg, found = checks.check_config(args)
         results += found
@@ -84,8 +78,9 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
     results += checks.check_devices(nproc, gpus)
     if args.sbatch:
         results += slurm.check_sbatch(args.sbatch)
-    if args.image_dir or args.list_path or args.shards:
-        results += outputs.check_prediction(args, workers=args.num_parts * nproc)
+    prediction = from_flags(PredictConfig, args)
+    if prediction.inputs():
+        results += outputs.check_prediction(prediction, (prediction.num_parts or 1) * nproc, args.tar_threshold)
     return results
 
 
@@ -96,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(check.format(), flush=True)
     counts = {s: sum(c.status == s for c in results) for s in STATUSES}
     print(f"\n{counts['ok']} ok, {counts['warn']} warning(s), {counts['fail']} failure(s)")
-    return 1 if counts["fail"] else 0
+    return exitcodes.FAILED if counts["fail"] else exitcodes.OK
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from seg import exitcodes
 from seg.data.pairing import DEFAULT_MASK_SUFFIXES
 
 
@@ -42,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.pairs and (args.images or args.masks):
         print("seg prepare: pass either --pairs or --images/--masks, not both", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     if args.masks and not args.images:
         print("seg prepare: --masks needs --images", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     from seg.data.sharding import PrepareError, prepare_dataset, summary_text
 
     suffixes = ("",) + tuple(s.strip() for s in args.mask_suffixes.split(",") if s.strip())
@@ -57,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                                strict=args.strict, overwrite=args.overwrite, progress=not args.no_progress)
     except (PrepareError, FileNotFoundError, ValueError) as exc:
         print(f"seg prepare: error: {exc}", file=sys.stderr)
-        return 1
+        return exitcodes.USAGE
     print(summary_text(info, time.perf_counter() - start))
     print(f"dataset description: {os.path.join(args.out, 'dataset.json')}")
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ final_model.pth, checkpoint_epoch_N.pth, last/, training_history.png,
 sample_predictions.png and provenance.json. Re-running the same command resumes from
 ``last/``; a finished run is not trained again; ``--no_resume`` starts over.
 
-Exit codes: 0 done; 75 (``seg.training.state.PREEMPTED_EXIT_CODE``, EX_TEMPFAIL) = SIGUSR1 or
-SIGTERM received (Slurm preemption or time limit): every rank saved ``last/`` at the next step
-boundary, rerun the same command to resume; 2 = invalid configuration or data.
+Exit codes (``seg.exitcodes``): 0 done; 1 an error while training (a corrupt or truncated
+shard, a rank that failed: the message names it); 2 invalid configuration or data, found before
+the first step; 75 (EX_TEMPFAIL) SIGUSR1 or SIGTERM received (Slurm preemption or time limit):
+every rank saved ``last/`` at the next step boundary, rerun the same command to resume.
 
 ``--validate_only MODEL.pth`` scores a model checkpoint on the validation shards with the
 same exact distributed code and writes ``<checkpoint_dir>/validation.json``.
@@ -30,7 +31,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from seg.config import add_config_arguments, config_from_args, config_to_yaml
+from seg import exitcodes
+from seg.config import Config, add_config_arguments, config_from_args, config_to_yaml
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,33 +40,47 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Exit code 75: preempted, state saved in last/; rerun to resume.")
     add_config_arguments(parser)
-    parser.add_argument("--no_resume", action="store_true", help="ignore last/ and start over (train.resume=false)")
-    parser.add_argument("--log_with", choices=["none", "tensorboard"], help="train.log_with")
-    parser.add_argument("--deterministic", action="store_true", default=None, help="train.deterministic=true")
+    parser.add_argument("--val_split", type=float, metavar="FRACTION",
+                        help="accepted from the original scripts: the split is made by `seg prepare --val_split`; "
+                             "here it must equal the one recorded in dataset.json")
     parser.add_argument("--validate_only", metavar="MODEL.pth",
                         help="score this model checkpoint on the validation shards and exit")
     return parser
 
 
+def parse_train_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
+    """(arguments, resolved config) of a `seg train` command line, as `seg train` reads it.
+
+    Dotted overrides may come between flags. Raises ValueError/FileNotFoundError for an
+    invalid config (argparse itself exits 2 on an unknown flag)."""
+    args = build_parser().parse_intermixed_args(argv)
+    return args, config_from_args(args)
+
+
+def check_val_split(cfg: Config, val_split: float | None) -> None:
+    """``--val_split`` must match the split `seg prepare` made (it cannot change it)."""
+    if val_split is None:
+        return
+    from seg.data.shards import load_dataset_info
+
+    recorded = load_dataset_info(cfg.data.data_dir).get("val_split")
+    if recorded is not None and abs(float(recorded) - val_split) > 1e-9:
+        raise ValueError(f"--val_split {val_split} differs from the split of {cfg.data.data_dir} "
+                         f"(val_split {recorded} in dataset.json): the split is made by `seg prepare`. "
+                         f"Re-run `seg prepare ... --val_split {val_split} --out NEW_DIR`, or drop --val_split")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_intermixed_args(argv)  # dotted overrides may come between flags
-    extra = []
-    if args.no_resume:
-        extra.append("train.resume=false")
-    if args.log_with:
-        extra.append(f"train.log_with={args.log_with}")
-    if args.deterministic:
-        extra.append("train.deterministic=true")
-    args.overrides = extra + list(args.overrides)  # explicit dotted overrides still win
     try:
-        cfg = config_from_args(args)
+        args, cfg = parse_train_args(argv)
+        check_val_split(cfg, args.val_split)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"seg train: {exc}", file=sys.stderr)
-        return 2
+        print(f"seg train: error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
     if args.print_config:
         print(config_to_yaml(cfg), end="")
-        return 0
+        return exitcodes.OK
     from seg.training.loop import run_training  # torch/accelerate imported here, not for --help
 
     try:
@@ -72,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             from seg.training.validate import run_validation
 
             run_validation(cfg, args.validate_only)
-            return 0
+            return exitcodes.OK
         return run_training(cfg, ["seg", "train", *argv])
     except (ValueError, FileNotFoundError) as exc:
         print(f"seg train: error: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
 
 
 if __name__ == "__main__":

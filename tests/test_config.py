@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from seg.config import (Config, add_config_arguments, build_config, config_from_args, config_from_dict,
-                        config_to_dict, config_to_yaml, valid_keys)
+                        config_to_dict, config_to_yaml, defaults_yaml, valid_keys)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(CONFIGS.glob("*.yaml"))
@@ -27,6 +27,9 @@ def test_every_preset_loads(preset):
 
 def test_default_preset_is_the_code_defaults():
     assert config_to_dict(build_config(CONFIGS / "default.yaml")) == config_to_dict(Config())
+    # the file is generated from the dataclasses (values, docstrings, allowed values): regenerate
+    # it with `python -m seg.config > configs/default.yaml` after changing a default or a docstring
+    assert (CONFIGS / "default.yaml").read_text() == defaults_yaml()
 
 
 def test_cpu_smoke_preset_is_small():
@@ -85,12 +88,11 @@ def _parse(argv):
 
 def test_seed_flags_map_onto_fields():
     cfg = _parse(["--data_dir", "shards", "--epochs", "3", "--batch_size", "4", "--lr", "1e-4", "--loss", "dice",
-                  "--image_size", "128", "--val_split", "0.1", "--checkpoint_dir", "runs/x", "--save_every", "2",
+                  "--image_size", "128", "--checkpoint_dir", "runs/x", "--save_every", "2",
                   "--bilinear", "--scheduler"])
     assert (cfg.data.data_dir, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.loss) == \
         ("shards", 3, 4, 1e-4, "dice")
-    assert (cfg.data.image_size, cfg.data.val_split, cfg.train.checkpoint_dir, cfg.train.save_every) == \
-        (128, 0.1, "runs/x", 2)
+    assert (cfg.data.image_size, cfg.train.checkpoint_dir, cfg.train.save_every) == (128, "runs/x", 2)
     assert cfg.model.bilinear is True and cfg.train.scheduler == "plateau"  # bare --scheduler, as in the seed
     assert _parse(["--scheduler", "cosine"]).train.scheduler == "cosine"
     plain = _parse([])

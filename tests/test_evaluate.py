@@ -120,7 +120,7 @@ def test_missing_predictions_are_listed_by_name(tmp_path, capsys):
     for i in (0, 1, 2):
         write_mask(pred / f"case{i:02d}_mask.png", np.zeros((4, 4)))
     assert main(["--pred_dir", str(pred), "--gt_dir", str(gt), "--output_dir", str(tmp_path / "o"),
-                 "--no_progress"]) == 1
+                 "--no_progress"]) == 2
     err = capsys.readouterr().err
     assert "27 of 30 truths" in err and "case03, case04" in err and "case22" in err
     assert "case23" not in err and "... and 7 more" in err    # the first 20 names, then a count
@@ -130,7 +130,7 @@ def test_missing_predictions_are_listed_by_name(tmp_path, capsys):
 def test_few_missing_predictions_all_named(tmp_path, capsys):
     gt, pred = four_cases(tmp_path)
     (pred / "c_mask.png").unlink()
-    assert main(["--pred_dir", str(pred), "--gt_dir", str(gt), "--output_dir", str(tmp_path / "o")]) == 1
+    assert main(["--pred_dir", str(pred), "--gt_dir", str(gt), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "1 of 4 truths" in err and ": c." in err and "more" not in err
 
@@ -139,7 +139,7 @@ def test_no_pairs_names_folders_and_rule(tmp_path, capsys):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     write_mask(gt / "x.png", np.zeros((4, 4)))
     write_mask(pred / "y_mask.png", np.zeros((4, 4)))
-    assert main(["--pred_dir", str(pred), "--gt_dir", str(gt)]) == 1
+    assert main(["--pred_dir", str(pred), "--gt_dir", str(gt)]) == 2
     err = capsys.readouterr().err
     assert str(pred) in err and str(gt) in err and "a/x_mask.png pairs with a/x.png" in err
 
@@ -147,7 +147,7 @@ def test_no_pairs_names_folders_and_rule(tmp_path, capsys):
 def test_size_mismatch_names_both_files(tmp_path, capsys):
     gt, pred = four_cases(tmp_path)
     write_mask(pred / "a_mask.png", np.zeros((5, 4)))
-    assert main(["--pred_dir", str(pred), "--gt_dir", str(gt), "--output_dir", str(tmp_path / "o")]) == 1
+    assert main(["--pred_dir", str(pred), "--gt_dir", str(gt), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(pred / "a_mask.png") in err and str(gt / "a.png") in err and "4x5" in err
 
@@ -155,7 +155,7 @@ def test_size_mismatch_names_both_files(tmp_path, capsys):
 def test_unreadable_mask_is_named(tmp_path, capsys):
     gt, pred = four_cases(tmp_path)
     (gt / "d.png").write_bytes(b"")
-    assert main(["--pred_dir", str(pred), "--gt_dir", str(gt), "--output_dir", str(tmp_path / "o")]) == 1
+    assert main(["--pred_dir", str(pred), "--gt_dir", str(gt), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(gt / "d.png") in err and "empty" in err
 
@@ -163,7 +163,7 @@ def test_unreadable_mask_is_named(tmp_path, capsys):
 def test_two_masks_for_one_id_is_an_error(tmp_path, capsys):
     gt, pred = four_cases(tmp_path)
     write_mask(pred / "a.png", np.zeros((4, 4)))
-    assert main(["--pred_dir", str(pred), "--gt_dir", str(gt), "--output_dir", str(tmp_path / "o")]) == 1
+    assert main(["--pred_dir", str(pred), "--gt_dir", str(gt), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "a.png" in err and "a_mask.png" in err
 
@@ -173,7 +173,7 @@ def test_two_masks_for_one_id_is_an_error(tmp_path, capsys):
     (["--pred_dir", "p"], "--pred_dir and --gt_dir go together"),
     (["--pred_dir", "p", "--gt_dir", "g", "--model_path", "m"], "not both"),
     (["--pred_dir", "p", "--gt_dir", "g", "--threshold", "0.3"], "--threshold applies to --model_path"),
-    (["--model_path", "m", "--data_dir", "d", "--threshold", "1.5"], "must be in [0, 1)"),
+    (["--model_path", "m", "--data_dir", "d", "--threshold", "1.5"], "threshold=1.5 is not valid; it must be >= 0 and < 1"),
 ])
 def test_flag_errors(argv, expected, capsys):
     assert main(argv) == 2

@@ -160,20 +160,20 @@ def test_predict_then_evaluate_pred_dir_equals_model_mode(labelled, reports, tmp
 def test_model_mode_errors(labelled, tmp_path, capsys):
     root, ckpt = labelled
     base = ["--model_path", str(ckpt), "--output_dir", str(tmp_path / "o"), "--no_progress"]
-    assert main(base + ["--data_dir", str(tmp_path / "nowhere" / "x-*.tar")]) == 1
+    assert main(base + ["--data_dir", str(tmp_path / "nowhere" / "x-*.tar")]) == 2
     assert "names no existing shard" in capsys.readouterr().err
     unlabelled = tmp_path / "unlabelled"
     prepare_dataset(images=root / "raw" / "images", out=unlabelled, workers=1, progress=False)
-    assert main(base + ["--data_dir", str(unlabelled)]) == 1
+    assert main(base + ["--data_dir", str(unlabelled)]) == 2
     assert "unlabelled shards cannot be evaluated" in capsys.readouterr().err
-    assert main(base + ["--data_dir", str(root / "shards"), "--model_path", str(tmp_path / "missing.pth")]) == 1
+    assert main(base + ["--data_dir", str(root / "shards"), "--model_path", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth does not exist" in capsys.readouterr().err
     first = sorted((root / "shards").glob("val-*.tar"))[0]
-    assert main(base + ["--data_dir", f"{first}::{first}"]) == 1      # the same shard twice
+    assert main(base + ["--data_dir", f"{first}::{first}"]) == 2      # the same shard twice
     assert "occurs twice" in capsys.readouterr().err
     broken = tmp_path / "broken"
     shutil.copytree(root / "shards", broken)
     shard = sorted(broken.glob("val-*.tar"))[-1]
     shard.write_bytes(shard.read_bytes()[:3000])
-    assert main(base + ["--data_dir", str(broken)]) == 1
+    assert main(base + ["--data_dir", str(broken)]) == 2
     assert f"shard {shard} cannot be read" in capsys.readouterr().err

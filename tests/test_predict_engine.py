@@ -48,7 +48,7 @@ def test_folded_batchnorm_computes_the_checkpoint_model(ckpt):
 
     p = Predictor(ckpt, device="cpu", precision="fp32")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in p.model.modules())
-    x = torch.from_numpy(p.normalise(random_image(32, 32, seed=11)[None]))
+    x = p.normalise(random_image(32, 32, seed=11)[None])
     with torch.no_grad():
         reference = torch.sigmoid(model_from_checkpoint(load_checkpoint(ckpt))(x))[:, 0].numpy()
     np.testing.assert_allclose(p.forward(x), reference, atol=1e-5)
@@ -86,8 +86,10 @@ def test_bf16_close_to_fp32(ckpt):
 
 
 def test_bad_options_name_the_fix(ckpt):
-    with pytest.raises(ValueError, match="precision='fp16' is not valid"):
+    with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA GPU .* use 'auto', 'bf16' or 'fp32'"):
         Predictor(ckpt, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="precision='fp8' is not valid; allowed values are 'auto', 'bf16'"):
+        Predictor(ckpt, device="cpu", precision="fp8")
     with pytest.raises(ValueError, match="tile_size=8"):
         Predictor(ckpt, device="cpu", tile_size=8)
 

@@ -151,7 +151,7 @@ def test_strict_fails_listing_bad_pairs_and_keeps_nothing(bad_source, tmp_path, 
     rc = main(["--images", str(bad_source / "images"), "--masks", str(bad_source / "masks"), "--out", str(out),
                "--strict", "--workers", "0", "--no_progress"])
     err = capsys.readouterr().err
-    assert rc == 1 and "--strict" in err and "nomask.png" in err and "dup.jpg" in err
+    assert rc == 2 and "--strict" in err and "nomask.png" in err and "dup.jpg" in err
     assert not list(out.glob("*")) if out.exists() else True
     (bad_source / "images" / "nomask.png").unlink()
     (bad_source / "images" / "dup.jpg").unlink()  # pairing problems gone; decoding ones remain
@@ -171,7 +171,7 @@ def test_non_empty_output_needs_overwrite(tmp_path, capsys):
     assert "wrote 3 pairs" in capsys.readouterr().out
     (out / "notes.txt").write_text("mine")
     (out / ".train-000009.tar.tmp-1-abcd").write_bytes(b"stale")
-    assert main(args) == 1
+    assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     (src / "images" / "x2.png").unlink()
     assert main(args + ["--overwrite"]) == 0

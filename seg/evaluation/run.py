@@ -15,10 +15,10 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from seg.config.inference import EvaluateConfig
 from seg.dist import DistEnv
 from seg.evaluation import panels, plots, report as report_mod
 from seg.evaluation.scoring import (Evaluation, RankScores, gather_payloads, merge, shared_errors)
@@ -30,15 +30,6 @@ class EvaluationError(RuntimeError):
     """Evaluation failed on at least one rank; the message holds every rank's error."""
 
 
-@dataclass
-class Options:
-    output_dir: Path
-    worst_k: int = 8
-    num_samples: int = 4
-    workers: int = 4
-    progress: bool = True
-
-
 def _bar(env: DistEnv, total: int | None, enabled: bool, desc: str):
     from tqdm import tqdm
 
@@ -46,10 +37,10 @@ def _bar(env: DistEnv, total: int | None, enabled: bool, desc: str):
                 disable=not (enabled and env.is_main))
 
 
-def _score_masks(source: MaskPairs, scores: RankScores, env: DistEnv, opts: Options) -> None:
-    with _bar(env, source.count_for(env.rank, env.world_size), opts.progress,
+def _score_masks(source: MaskPairs, scores: RankScores, env: DistEnv, cfg: EvaluateConfig) -> None:
+    with _bar(env, source.count_for(env.rank, env.world_size), cfg.progress,
               "evaluate" + (f" (rank 0 of {env.world_size})" if env.is_distributed else "")) as bar:
-        for item in source.assigned(env.rank, env.world_size, opts.workers):
+        for item in source.assigned(env.rank, env.world_size, cfg.workers):
             scores.add(item.index, item.key, item.truth, pred=item.pred, image=item.image_loader)
             bar.update(1)
 
@@ -65,17 +56,17 @@ def _batches(items: Iterable[Scorable], size: int):
         yield batch
 
 
-def _score_model(source: LabelledImages, predictor, scores: RankScores, env: DistEnv, opts: Options) -> None:
-    with _bar(env, source.count_for(env.rank, env.world_size), opts.progress,
+def _score_model(source: LabelledImages, predictor, scores: RankScores, env: DistEnv, cfg: EvaluateConfig) -> None:
+    with _bar(env, source.count_for(env.rank, env.world_size), cfg.progress,
               "predict+evaluate" + (f" (rank 0 of {env.world_size})" if env.is_distributed else "")) as bar:
-        for batch in _batches(source.assigned(env.rank, env.world_size, opts.workers), predictor.batch_size):
+        for batch in _batches(source.assigned(env.rank, env.world_size, cfg.workers), predictor.batch_size):
             probs = predictor.predict_probabilities([item.image for item in batch])
             for item, prob in zip(batch, probs):
                 scores.add(item.index, item.key, item.truth, prob=prob, image=item.image)
             bar.update(len(batch))
 
 
-def _finish(scores: RankScores, error: str | None, env: DistEnv, opts: Options) -> Evaluation | None:
+def _finish(scores: RankScores, error: str | None, env: DistEnv, cfg: EvaluateConfig) -> Evaluation | None:
     """Share errors, gather counts; the merged evaluation on rank 0, None elsewhere."""
     errors = shared_errors(error, env)
     if errors:
@@ -83,13 +74,13 @@ def _finish(scores: RankScores, error: str | None, env: DistEnv, opts: Options) 
     payloads = gather_payloads(scores.payload(), env)
     if not env.is_main:
         return None
-    evaluation = merge(payloads, scores.threshold, opts.worst_k, opts.num_samples)
+    evaluation = merge(payloads, scores.threshold, cfg.worst_k, cfg.num_samples)
     if evaluation.report["n_images"] == 0:
         raise EvaluationError("no images were evaluated (the data source is empty)")
     return evaluation
 
 
-def _run(score, scores: RankScores, env: DistEnv, opts: Options) -> Evaluation | None:
+def _run(score, scores: RankScores, env: DistEnv, cfg: EvaluateConfig) -> Evaluation | None:
     error = None
     try:
         score()
@@ -97,38 +88,36 @@ def _run(score, scores: RankScores, env: DistEnv, opts: Options) -> Evaluation |
         if not env.is_distributed:
             raise
         error = str(exc)
-    return _finish(scores, error, env, opts)
+    return _finish(scores, error, env, cfg)
 
 
-def evaluate_masks(pred_dir, gt_dir, env: DistEnv, opts: Options, image_dir=None) -> tuple[Evaluation | None, str]:
+def evaluate_masks(cfg: EvaluateConfig, env: DistEnv) -> tuple[Evaluation | None, str]:
     """Score existing masks (``--pred_dir``/``--gt_dir``); (evaluation on rank 0 else None, description)."""
     from seg.evaluation.pairing import pair_masks
 
-    pairs, ignored = pair_masks(pred_dir, gt_dir, image_dir)
-    source = MaskPairs(pairs, gt_dir, pred_dir)
+    pairs, ignored = pair_masks(cfg.pred_dir, cfg.gt_dir, cfg.image_dir)
+    source = MaskPairs(pairs, cfg.gt_dir, cfg.pred_dir)
     if ignored and env.is_main:
-        print(f"note: {ignored} file(s) in --pred_dir {pred_dir} have no truth in --gt_dir and are not scored")
-    scores = RankScores(threshold=None, sweep=False, worst_k=opts.worst_k, num_samples=opts.num_samples)
-    return _run(lambda: _score_masks(source, scores, env, opts), scores, env, opts), source.description
+        print(f"note: {ignored} file(s) in --pred_dir {cfg.pred_dir} have no truth in --gt_dir and are not scored")
+    scores = RankScores(threshold=None, sweep=False, worst_k=cfg.worst_k, num_samples=cfg.num_samples)
+    return _run(lambda: _score_masks(source, scores, env, cfg), scores, env, cfg), source.description
 
 
-def evaluate_model(model_path, data_dir, env: DistEnv, opts: Options, split: str = "val",
-                   threshold: float | None = None, **predictor_args) -> tuple[Evaluation | None, str]:
-    """Predict labelled data with a checkpoint and score it (``--model_path``/``--data_dir``).
+def evaluate_model(cfg: EvaluateConfig, env: DistEnv) -> tuple[Evaluation | None, str]:
+    """Predict labelled data with ``cfg.model_path`` and score it (``--model_path``/``--data_dir``).
 
-    Args:
-        predictor_args: ``device``, ``precision``, ``batch_size``, ``tta``, ``tile_size`` for
-            ``seg.inference.engine.Predictor``.
+    The predictor runs with ``cfg``'s inference fields (device, precision, batch, TTA, tiles,
+    threshold), as `seg predict` would.
     """
-    source = LabelledImages(str(data_dir), split)
+    source = LabelledImages(str(cfg.data_dir), cfg.split)
     from seg.inference.engine import Predictor
 
-    predictor = Predictor(model_path, threshold=threshold, **predictor_args)
+    predictor = Predictor(cfg.model_path, cfg)
     if env.is_main:
-        print(f"model {model_path}: {predictor.describe()}")
-    scores = RankScores(threshold=predictor.threshold, sweep=True, worst_k=opts.worst_k, num_samples=opts.num_samples)
-    evaluation = _run(lambda: _score_model(source, predictor, scores, env, opts), scores, env, opts)
-    return evaluation, f"model {model_path} on {source.description}"
+        print(f"model {cfg.model_path}: {predictor.describe()}")
+    scores = RankScores(threshold=predictor.threshold, sweep=True, worst_k=cfg.worst_k, num_samples=cfg.num_samples)
+    evaluation = _run(lambda: _score_model(source, predictor, scores, env, cfg), scores, env, cfg)
+    return evaluation, f"model {cfg.model_path} on {source.description}"
 
 
 def write_outputs(evaluation: Evaluation, source: str, output_dir: Path) -> dict[str, Path]:

@@ -2,7 +2,7 @@
 
 ``Predictor`` is usable without the CLI (``seg evaluate`` calls it)::
 
-    p = Predictor("runs/x/best_model.pth", device="auto", precision="auto", batch_size=8)
+    p = Predictor("runs/x/best_model.pth", device="cpu", batch_size=8)   # InferenceConfig fields
     probs = p.predict_probabilities([image1, image2])   # float32 HxW in [0, 1], original sizes
     masks = [prob > p.threshold for prob in probs]
 
@@ -16,8 +16,8 @@ Design choices:
 - Two modes, chosen by the checkpoint's ``sampling`` and ``tile_size``:
   ``resize`` (the training default): each image is resized to ``image_size`` exactly as
   training did (bilinear, on the raw pixels), predicted, and the *probabilities* resized back
-  to the original size bilinearly; thresholding happens after, on the full-size map (DESIGN.md:
-  thresholding first then nearest-neighbour resizing loses boundary accuracy).
+  to the original size bilinearly; thresholding happens after, on the full-size map (thresholding first and resizing the
+  mask with nearest neighbour loses boundary accuracy).
   ``tile`` (``sampling='patch'`` or an explicit ``tile_size``): images are predicted at native
   resolution by overlapping Gaussian-weighted tiles (``seg.inference.tiling``); memory is
   bounded by tile x batch, not image size.
@@ -28,9 +28,9 @@ Design choices:
   OpenCV releases the GIL).
 - Forward: ``torch.inference_mode``, ``channels_last``, BatchNorm folded into the preceding
   convolutions (``fold_batchnorm``), and autocast, with the convolution weights stored in the
-  autocast dtype (``cast_for_autocast``: no per-call weight casts, the same arithmetic). ``precision='auto'``
-  picks bf16 where the device supports it (CUDA with bf16, or a CPU whose oneDNN has bf16
-  kernels), fp16 on older CUDA GPUs, fp32 otherwise. Outputs are always float32 probabilities.
+  autocast dtype (``cast_for_autocast``: no per-call weight casts, the same arithmetic). The precision
+  comes from ``seg.precision`` (one vocabulary and 'auto' rule with training). Outputs are
+  always float32 probabilities.
 - ``tta=True`` averages the probabilities of the image and its horizontal, vertical and double
   flips (4 forwards per image).
 - torch is imported here, not by the CLI entry, so ``seg predict --help`` stays fast.
@@ -39,6 +39,7 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -46,11 +47,10 @@ import numpy as np
 import torch
 
 from seg.checkpoint import file_sha256, load_checkpoint
+from seg.config.inference import InferenceConfig
 from seg.model import build_model
 from seg.inference.tiling import predict_tiled
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
+from seg.precision import autocast_dtype, resolve_precision
 
 def model_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     """Convert an image to the model's channel count (grey repeated to RGB, RGB to grey).
@@ -74,26 +74,6 @@ def resolve_device(device: str = "auto") -> torch.device:
 
         return torch.device("cuda", read_dist_env().local_rank % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not valid; allowed values are {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if precision == "bf16":
-            raise ValueError(f"precision='bf16' is not supported on {torch.cuda.get_device_name(device)}; use auto or fp32")
-        return torch.float16
-    if device.type == "cpu":
-        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if supported or precision == "bf16":
-            return torch.bfloat16
-        return None
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
@@ -168,25 +148,11 @@ class Preprocessor:
             raise ValueError(f"checkpoint preprocess mean/std have {self.mean.size}/{self.std.size} values "
                              f"for in_channels={self.in_channels}; the checkpoint is inconsistent")
 
-    def normalise(self, raw: np.ndarray) -> np.ndarray:
-        """Scale raw pixels to [0, 1] by the dtype maximum and apply mean/std.
-
-        Shape:
-            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 -> ``(N, C, H, W)`` float32.
-        """
-        scale = np.float32(np.iinfo(raw.dtype).max) if raw.dtype.kind in "ui" else np.float32(1)
-        x = raw.astype(np.float32)
-        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-        x /= scale
-        x -= self.mean[None, :, None, None]
-        x /= self.std[None, :, None, None]
-        return np.ascontiguousarray(x)
-
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """The CPU part of prediction for one decoded image: channels, and size in resize mode.
 
         Pixels stay in their raw dtype (4x smaller than float32 to move between processes);
-        ``normalise`` (numpy) or ``Predictor.forward_raw`` (on the device) scales them.
+        ``Predictor.normalise`` scales them on the device.
 
         Shape:
             ``(H, W)`` or ``(H, W, 3)`` -> ``(S, S[, 3])`` in resize mode (S = image_size),
@@ -204,53 +170,61 @@ class Predictor:
 
     Args:
         checkpoint: a model checkpoint path (``*_model.pth``) or an already loaded checkpoint dict.
-        device: 'auto' (this rank's GPU, else CPU), 'cpu', 'cuda', 'cuda:1', ...
-        precision: 'auto', 'bf16' or 'fp32' (autocast dtype; outputs are float32 either way).
-        batch_size: images (or tiles) per forward.
-        tta: average horizontal/vertical flips.
-        tile_size: predict at native resolution with tiles of this side; None uses tiles of the
-            training size only for ``sampling='patch'`` checkpoints, else resizes whole images.
-        tile_overlap: fraction of a tile shared with its neighbour (default 0.25).
-        threshold: overrides the checkpoint's threshold.
+        options: how to run it (``seg.config.InferenceConfig``: device, precision, batch_size,
+            tta, tile_size, tile_overlap, threshold; ``model_path`` is ignored here).
+        **overrides: fields of ``options`` to replace, e.g. ``Predictor(path, device="cpu")``.
 
     Attributes:
-        threshold, sha256 (of the checkpoint file, or of the weights for a dict), preprocess,
-        mode ('resize' | 'tile'), tile_size, device, autocast_dtype.
+        options, threshold, sha256 (of the checkpoint file, or of the weights for a dict),
+        preprocess, mode ('resize' | 'tile'), tile_size, device, precision ('bf16', 'fp16',
+        'fp32'), autocast_dtype.
     """
 
-    def __init__(self, checkpoint: str | Path | dict, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 8, tta: bool = False, tile_size: int | None = None,
-                 tile_overlap: float = 0.25, threshold: float | None = None):
+    def __init__(self, checkpoint: str | Path | dict, options: InferenceConfig | None = None, **overrides):
+        options = replace(options or InferenceConfig(), **overrides)
+        self.options = options
         if isinstance(checkpoint, dict):
             ckpt, self.sha256 = checkpoint, weights_sha256(checkpoint["state_dict"])
             self.path = None
         else:
             ckpt, self.sha256, self.path = load_checkpoint(checkpoint), file_sha256(checkpoint), Path(checkpoint)
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} is not valid; it must be >= 1")
-        if tile_size is not None and tile_size < 16:
-            raise ValueError(f"tile_size={tile_size} is not valid; it must be >= 16 (e.g. the training size)")
         self.checkpoint = ckpt
         self.preprocess = dict(ckpt["preprocess"])
         self.image_size = int(self.preprocess["image_size"])
         self.in_channels = int(self.preprocess.get("in_channels", ckpt["model"]["in_channels"]))
         sampling = self.preprocess.get("sampling", "resize")
-        self.mode = "tile" if tile_size is not None or sampling == "patch" else "resize"
-        self.tile_size = int(tile_size or self.image_size)
-        self.tile_overlap = float(tile_overlap)
-        self.threshold = float(ckpt.get("threshold", 0.5) if threshold is None else threshold)
-        self.batch_size, self.tta = int(batch_size), bool(tta)
+        self.mode = "tile" if options.tile_size is not None or sampling == "patch" else "resize"
+        self.tile_size = int(options.tile_size or self.image_size)
+        self.tile_overlap = float(options.tile_overlap)
+        self.threshold = float(ckpt.get("threshold", 0.5) if options.threshold is None else options.threshold)
+        self.batch_size, self.tta = int(options.batch_size), bool(options.tta)
         self.preprocessor = Preprocessor(self.mode, self.image_size, self.in_channels,
                                          self.preprocess["mean"], self.preprocess["std"])
-        self.device = resolve_device(device)
-        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.device = resolve_device(options.device)
+        self.precision = resolve_precision(options.precision, self.device.type)
+        self.autocast_dtype = autocast_dtype(self.precision)
+        self._mean = torch.as_tensor(self.preprocessor.mean, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.as_tensor(self.preprocessor.std, device=self.device).view(1, -1, 1, 1)
         model = cast_for_autocast(fold_batchnorm(build_from_checkpoint(ckpt)).to(self.device), self.autocast_dtype)
         self.model = model.to(memory_format=torch.channels_last).eval()
 
     # ---- CPU side: delegated to the picklable Preprocessor (DataLoader workers use it) --------
-    def normalise(self, raw: np.ndarray) -> np.ndarray:
-        """See ``Preprocessor.normalise``."""
-        return self.preprocessor.normalise(raw)
+    def normalise(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Prepared raw pixels -> the network input on the device: scaled to [0, 1] by the dtype
+        maximum (255 or 65535), then the checkpoint's mean/std. The one normalisation of prediction.
+
+        ``channels_last`` comes free: the NHWC pixels permuted to NCHW are channels-last.
+
+        Shape:
+            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 -> ``(N, C, H, W)`` float32.
+        """
+        x = torch.as_tensor(raw)
+        if x.dtype not in (torch.uint8, torch.uint16):
+            raise TypeError(f"expected uint8 or uint16 pixels, got {x.dtype}")
+        scale = 255.0 if x.dtype == torch.uint8 else 65535.0
+        x = x.to(self.device, non_blocking=True)
+        x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        return (x.float() / scale - self._mean) / self._std
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """See ``Preprocessor.prepare``."""
@@ -272,26 +246,16 @@ class Predictor:
         return logits.float().sigmoid()[:, 0]
 
     def forward_raw(self, raw: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Probabilities for a batch of prepared raw images, normalised on the device.
-
-        ``channels_last`` comes free: the NHWC pixels permuted to NCHW are channels-last.
+        """Probabilities for a batch of prepared raw images (``normalise``, then ``forward``).
 
         Shape:
             ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 (one dtype) -> ``(N, H, W)`` float32.
         """
         x = torch.as_tensor(raw)
-        if x.dtype not in (torch.uint8, torch.uint16):
-            raise TypeError(f"forward_raw expects uint8 or uint16 pixels, got {x.dtype}")
-        scale = 255.0 if x.dtype == torch.uint8 else 65535.0
-        mean = torch.as_tensor(self.preprocessor.mean, device=self.device).view(1, -1, 1, 1)
-        std = torch.as_tensor(self.preprocessor.std, device=self.device).view(1, -1, 1, 1)
         out = []
         with torch.inference_mode():
             for i in range(0, x.shape[0], self.batch_size):
-                chunk = x[i:i + self.batch_size].to(self.device, non_blocking=True)
-                chunk = chunk[:, None] if chunk.ndim == 3 else chunk.permute(0, 3, 1, 2)
-                chunk = (chunk.float() / scale - mean) / std
-                out.append(self.forward(chunk))
+                out.append(self.forward(self.normalise(x[i:i + self.batch_size])))
         return np.concatenate(out) if out else np.zeros((0,) + tuple(x.shape[1:3]), np.float32)
 
     def forward(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -346,8 +310,7 @@ class Predictor:
 
     def describe(self) -> str:
         """One line for logs: mode, size, precision, device, checkpoint hash."""
-        prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
         size = (f"tiles {self.tile_size}px overlap {self.tile_overlap}" if self.mode == "tile"
                 else f"resize to {self.image_size}px")
-        return (f"{size}, {prec} on {self.device}, batch {self.batch_size}, tta={self.tta}, "
+        return (f"{size}, {self.precision} on {self.device}, batch {self.batch_size}, tta={self.tta}, "
                 f"threshold {self.threshold}, model sha256 {self.sha256[:12]}")

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seg.config.inference import PredictConfig
 from seg.fileio import TMP_MARK
 from seg.inference.engine import Predictor
 from seg.inference.inputs import Unit, units_for_worker
@@ -59,20 +60,6 @@ class UnitState:
     def ready(self) -> bool:
         return (self.end is not None and self.submitted == self.end.items
                 and all(f.done() for f in self.futures))
-
-
-@dataclass
-class RunOptions:
-    """What one worker writes and how (mirrors the CLI flags)."""
-    out_dir: Path
-    fmt: str = "png"
-    overlay: bool = False
-    probability: bool = False
-    loader_workers: int = 2
-    writer_threads: int = 4
-    overwrite: bool = False
-    progress: bool = True
-    position: int = 0
 
 
 def remove_unit_temporaries(out_dir: Path, names: list[str], seen: dict | None = None) -> int:
@@ -115,9 +102,11 @@ def remove_unit_temporaries(out_dir: Path, names: list[str], seen: dict | None =
 class CohortRun:
     """One worker's pass over its units. ``run()`` returns the worker's summary dict."""
 
-    def __init__(self, predictor: Predictor, units: list[Unit], worker: int, num_workers: int, opts: RunOptions):
-        self.p, self.all_units, self.worker, self.num_workers, self.o = predictor, units, worker, num_workers, opts
-        self.out_dir = Path(opts.out_dir)
+    def __init__(self, predictor: Predictor, units: list[Unit], worker: int, num_workers: int,
+                 cfg: PredictConfig, position: int = 0):
+        self.p, self.all_units, self.worker, self.num_workers = predictor, units, worker, num_workers
+        self.cfg, self.position = cfg, position
+        self.out_dir = Path(cfg.output_dir)
         self.states: dict[int, UnitState] = {}
         self.by_index = {u.index: u for u in units}
         self.images = self.failures = self.done_units = 0
@@ -129,20 +118,20 @@ class CohortRun:
     def _state(self, index: int) -> UnitState:
         if index not in self.states:
             unit = self.by_index[index]
-            self.states[index] = UnitState(unit, UnitSink(self.out_dir, unit.id, self.o.fmt))
+            self.states[index] = UnitState(unit, UnitSink(self.out_dir, unit.id, self.cfg.format))
         return self.states[index]
 
     def _finish(self, state: UnitState) -> None:
         images = sorted((r for f in state.futures for r in f.result()), key=lambda r: r["input"])
         tar = state.sink.close()
-        suffixes = ["_mask.png"] + ["_overlay.png"] * self.o.overlay + ["_prob.png"] * self.o.probability
+        suffixes = ["_mask.png"] + ["_overlay.png"] * self.cfg.save_overlay + ["_prob.png"] * self.cfg.save_probability
         names = [tar] if tar else [i["output"][: -len("_mask.png")] + s for i in images for s in suffixes]
         remove_unit_temporaries(self.out_dir, names, self._temporaries)
         unit = state.unit
         failed = [{"input": s, "reason": r} for s, r in state.failures]
         append_lines(self.out_dir / FAILURES, [{**f, "unit": unit.id, "model_sha256": self.p.sha256} for f in failed])
         record = {"unit": unit.id, "index": unit.index, "num_units": len(self.all_units), "kind": unit.kind,
-                  "shard": unit.sources[0] if unit.kind == "shard" else None, "format": self.o.fmt, "tar": tar,
+                  "shard": unit.sources[0] if unit.kind == "shard" else None, "format": self.cfg.format, "tar": tar,
                   "images": images, "failed": failed, "model_sha256": self.p.sha256,
                   "seconds": round(time.perf_counter() - state.started, 3), "worker": self.worker,
                   "num_workers": self.num_workers, "host": socket.gethostname(), "pid": os.getpid(),
@@ -206,7 +195,7 @@ class CohortRun:
 
     def plan(self) -> tuple[list[Unit], list[dict]]:
         """(units to do, manifest records of this worker's finished units)."""
-        check_model(self.out_dir, self.p.sha256, self.o.overwrite)
+        check_model(self.out_dir, self.p.sha256, self.cfg.overwrite)
         finished = read_manifest(self.out_dir)
         todo, skipped = [], []
         for unit in units_for_worker(self.all_units, self.worker, self.num_workers):
@@ -224,19 +213,19 @@ class CohortRun:
         start = time.perf_counter()
         todo, skipped = self.plan()
         total = sum(len(u) for u in todo) if all(u.kind == "files" for u in todo) else None
-        bar = tqdm(total=total, position=self.o.position, desc=f"predict {self.worker + 1}/{self.num_workers}",
-                   unit="img", dynamic_ncols=True, mininterval=1.0, disable=not self.o.progress or not todo)
+        bar = tqdm(total=total, position=self.position, desc=f"predict {self.worker + 1}/{self.num_workers}",
+                   unit="img", dynamic_ncols=True, mininterval=1.0, disable=not self.cfg.progress or not todo)
         # resize mode: a writer job is a batch (of one unit), so room for two batches in flight;
         # tile mode: whole-size maps, one per job, the writers' default bound
-        room = None if self.p.mode == "tile" else max(4 * self.o.writer_threads, 2 * self.p.batch_size)
-        writers = Writers(self.p.threshold, self.o.overlay, self.o.probability, self.o.writer_threads, room)
-        stream = UnitStream(todo, self.p.preprocessor, keep_image=self.o.overlay,
+        room = None if self.p.mode == "tile" else max(4 * self.cfg.writer_threads, 2 * self.p.batch_size)
+        writers = Writers(self.p.threshold, self.cfg.save_overlay, self.cfg.save_probability, self.cfg.writer_threads, room)
+        stream = UnitStream(todo, self.p.preprocessor, keep_image=self.cfg.save_overlay,
                             chunk=1 if self.p.mode == "tile" else min(self.p.batch_size, 64))
         pending: list[Item] = []
         try:
             # tile mode: whole native-size images travel, so keep one per decoding process in flight
             prefetch = 1 if self.p.mode == "tile" else 4
-            for rec in record_loader(stream, self.o.loader_workers, prefetch):
+            for rec in record_loader(stream, self.cfg.num_workers, prefetch):
                 if isinstance(rec, Chunk):
                     for item in rec.items():
                         self._add(item, pending, writers)

@@ -14,6 +14,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from seg.config.inference import PredictConfig
 from seg.preflight import Check
 
 BYTES_PER_PIXEL = {"mask": 0.1, "overlay": 1.5, "probability": 1.0}
@@ -65,13 +66,13 @@ def _sizes(units) -> tuple[int, list[int]]:
     return len(paths), pixels
 
 
-def check_prediction(args, workers: int) -> list[Check]:
+def check_prediction(args: PredictConfig, workers: int, tar_threshold: int = 1_000_000) -> list[Check]:
     """Inputs, units per worker, expected outputs (files, bytes), free disk, --format tar hint.
 
     Args:
-        args: parsed doctor arguments (image_dir/list_path/shards, output_dir, format,
-            save_overlay, save_probability, unit_size, tar_threshold).
+        args: the planned `seg predict` options.
         workers: array tasks x processes per task.
+        tar_threshold: output files above which ``--format tar`` is advised.
     """
     from seg.inference.inputs import build_units
 
@@ -94,8 +95,8 @@ def check_prediction(args, workers: int) -> list[Check]:
     nbytes = n_images * mean_px * sum(BYTES_PER_PIXEL[k] for k in kinds)
     what = f"{files} output file(s) ({', '.join(kinds)}{' in tars' if args.format == 'tar' else ''}), " \
            f"about {_human(nbytes)}" + ("" if pixels else " (image sizes unknown)")
-    if args.format == "png" and files > args.tar_threshold:
-        out.append(Check("warn", "outputs", what + f": more than {args.tar_threshold} files strain shared "
+    if args.format == "png" and files > tar_threshold:
+        out.append(Check("warn", "outputs", what + f": more than {tar_threshold} files strain shared "
                                                    "file systems (inode quotas, slow listings)",
                          f"use --format tar: one tar per unit, {len(units)} file(s)"))
     else:

@@ -10,9 +10,13 @@ Design choices:
   CPU environment). Accelerate's own ``launch --cpu --num_processes N`` starts a single process
   unless mpirun is used; ``accelerate launch --multi_gpu --num_processes N`` (its torchrun-based
   launcher) gives N CPU processes over gloo on a machine without GPUs. A warning says so.
-- ``mixed_precision='auto'`` means bf16 wherever the hardware has it (CPU included: bf16
-  autocast + channels_last is ~3x the fp32 step on this project's reference CPU), fp16 with a
-  gradient scaler on GPUs without bf16, and fp32 ('no') on request.
+- Precision comes from ``seg.precision`` (the vocabulary and the 'auto' rule shared with
+  prediction): bf16 where the device computes it natively (CPU included: bf16 autocast +
+  channels_last is about 3x the fp32 step on a CPU with AMX, docs/BENCHMARKS.md), fp16 with a
+  gradient scaler on GPUs without bf16, fp32 on request or where bf16 would be emulated.
+- Collectives time out after ``train.collective_timeout`` seconds (Accelerate's
+  ``InitProcessGroupKwargs``): a rank that died or hangs ends the job instead of leaving the
+  others in an all-reduce until the allocation runs out.
 - ``channels_last`` (NHWC) is applied to the model here and to every input batch by
   ``to_device``: convolutions on both CPU (oneDNN) and GPU (cuDNN) are faster in NHWC.
 - Gradient accumulation and clipping go through Accelerate (``accumulate``,
@@ -31,21 +35,12 @@ import torch
 
 from seg.config import Config
 from seg.dist import read_dist_env
+from seg.precision import accelerate_name, resolve_precision
 
 
 def resolve_mixed_precision(requested: str, device_type: str | None = None) -> str:
-    """'auto' -> 'bf16' where supported (CPU included), else 'fp16' on CUDA; others unchanged.
-
-    Args:
-        requested: train.mixed_precision ('auto', 'bf16', 'fp16' or 'no').
-        device_type: 'cpu' or 'cuda'; detected when None.
-    """
-    if requested != "auto":
-        return requested
-    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"
+    """The run's resolved precision ('bf16', 'fp16' or 'fp32') on this machine's device."""
+    return resolve_precision(requested, device_type or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _check_tracker(log_with: str) -> list[str] | None:
@@ -70,8 +65,10 @@ def build_accelerator(cfg: Config, project_dir: str | None = None):
     Returns:
         an ``accelerate.Accelerator``.
     """
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     read_dist_env()  # raises on a half-set torchrun environment
     t = cfg.train
@@ -81,7 +78,8 @@ def build_accelerator(cfg: Config, project_dir: str | None = None):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # CPU-only DDP (gloo) is only set up when asked
-        mixed_precision=resolve_mixed_precision(t.mixed_precision),
+        mixed_precision=accelerate_name(resolve_mixed_precision(t.mixed_precision)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout))],
         gradient_accumulation_steps=t.grad_accum,
         log_with=trackers,
         project_dir=project_dir,

@@ -58,7 +58,7 @@ def collect_provenance(data_dir: str | Path, world_size: int, seed: int, mixed_p
         data_dir: the shard folder (its ``dataset.json`` is hashed).
         world_size: number of training processes.
         seed: train.seed (data order is a function of seed, epoch, rank and worker).
-        mixed_precision: the resolved precision ('bf16', 'fp16' or 'no').
+        mixed_precision: the resolved precision ('bf16', 'fp16' or 'fp32').
         argv: the command line (default: ``sys.argv``).
     """
     commit = _git("rev-parse", "HEAD")

@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seg import exitcodes
 from seg.fileio import atomic_write_json, remove_stale_temporaries, temporary_name
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, state saved, rerun to resume"
+PREEMPTED_EXIT_CODE = exitcodes.PREEMPTED  # 75, EX_TEMPFAIL: "preempted, state saved, rerun to resume"
 LAST = "last"
 STATE_FILE = "state.pth"
 PROGRESS_FILE = "progress.json"
