@@ -22,7 +22,6 @@ import hashlib
 import io
 import pickle
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -59,11 +58,16 @@ def model_checkpoint(model: torch.nn.Module, preprocess: dict, threshold: float 
     }
 
 
-def save_checkpoint(obj: dict, path: str | Path) -> None:
-    """torch.save to a temporary name, then rename: never a truncated file under ``path``."""
+def checkpoint_bytes(obj: dict) -> bytes:
+    """A checkpoint serialised once (``torch.save``), for every file it is written to."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    """Write a checkpoint to a temporary name, then rename: never a truncated file under ``path``."""
+    atomic_write_bytes(path, checkpoint_bytes(obj))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -107,9 +111,3 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def checkpoint_summary(ckpt: dict[str, Any]) -> str:
-    m, p = ckpt["model"], ckpt["preprocess"]
-    return (f"U-Net base={m['base_channels']} bilinear={m['bilinear']} in={m['in_channels']}, "
-            f"image_size={p['image_size']}, epoch={ckpt.get('epoch')}, threshold={ckpt.get('threshold')}")

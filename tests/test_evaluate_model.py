@@ -175,5 +175,7 @@ def test_model_mode_errors(labelled, tmp_path, capsys):
     shutil.copytree(root / "shards", broken)
     shard = sorted(broken.glob("val-*.tar"))[-1]
     shard.write_bytes(shard.read_bytes()[:3000])
-    assert main(base + ["--data_dir", str(broken)]) == 2
-    assert f"shard {shard} cannot be read" in capsys.readouterr().err
+    assert main(base + ["--data_dir", str(broken)]) == 2  # the folder: checked against dataset.json first
+    assert f"shard {shard} has 3000 bytes but dataset.json lists" in capsys.readouterr().err
+    assert main(base + ["--data_dir", str(shard)]) == 2  # the shard alone: it breaks while read
+    assert f"shard {shard} cannot be read past sample" in capsys.readouterr().err

@@ -9,8 +9,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from seg.data.shards import (NO_MASK, ShardSampleError, SkipCounter, check_enough_shards, decode_sample,
-                             has_mask, load_dataset_info, shard_pipeline, shard_urls)
+from seg.data.shards import (ShardSampleError, SkipCounter, check_enough_shards, decode_sample, load_dataset_info,
+                             shard_pipeline, shard_urls)
 from seg.data.transforms import build_eval_transform, build_train_transform
 
 SIZE = 32
@@ -62,7 +62,7 @@ def test_every_sample_once_over_two_nodes_and_two_workers(tmp_path):
         for worker in range(2):
             pipe = shard_pipeline(urls, _eval(), rank=rank, world_size=2, worker=worker, num_workers=2,
                                   shuffle_shards=True, shuffle_buffer=4, seed=3, epoch=1)
-            keys = [key for _, _, key in pipe]
+            keys = [key for _, _, key, _ in pipe]
             seen.update(keys)
     assert sorted(seen) == [f"case{i:03d}/img_{i}" for i in range(15)]
     assert set(seen.values()) == {1}
@@ -71,7 +71,7 @@ def test_every_sample_once_over_two_nodes_and_two_workers(tmp_path):
 def test_decoded_values_follow_their_key(tmp_path):
     write_shards(tmp_path, n_shards=2)
     native = build_eval_transform(SIZE, [0.0], [1.0], in_channels=1, sampling="patch")
-    for image, mask, key in shard_pipeline(shard_urls(tmp_path, "train"), native, split_by_node=False):
+    for image, mask, key, _ in shard_pipeline(shard_urls(tmp_path, "train"), native, split_by_node=False):
         i = int(key.rsplit("_", 1)[1])
         assert image.shape == (1, SIZE, SIZE + 16) and image.dtype == torch.float32
         assert torch.allclose(image, torch.full_like(image, i / 255))
@@ -84,8 +84,9 @@ def test_dataloader_workers_split_shards_and_collate(tmp_path):
     pipe = shard_pipeline(shard_urls(tmp_path, "train"), build_train_transform(SIZE, [0.0] * 3, [1.0] * 3, seed=0))
     loader = torch.utils.data.DataLoader(pipe, batch_size=2, num_workers=2)
     keys = []
-    for images, masks, batch_keys in loader:
+    for images, masks, batch_keys, skipped in loader:
         assert images.shape == (2, 3, SIZE, SIZE) and masks.shape == (2, 1, SIZE, SIZE)
+        assert skipped.tolist() == [0, 0]  # no handler: nothing is ever skipped
         keys += list(batch_keys)
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 8
 
@@ -97,16 +98,15 @@ def test_order_and_augmentation_depend_on_seed_and_epoch(tmp_path):
     def run(seed, epoch):
         tr = build_train_transform(SIZE, [0.0], [1.0], in_channels=1)
         out = list(shard_pipeline(urls, tr, shuffle_shards=True, shuffle_buffer=5, seed=seed, epoch=epoch))
-        return [k for _, _, k in out], torch.stack([m for _, m, _ in out])
+        return [k for _, _, k, _ in out], torch.stack([m for _, m, _, _ in out])
 
     keys_a, masks_a = run(1, 0)
     keys_b, masks_b = run(1, 0)
     assert keys_a == keys_b and torch.equal(masks_a, masks_b)
     keys_c, _ = run(1, 1)
     assert keys_c != keys_a and sorted(keys_c) == sorted(keys_a)
-    pipe = shard_pipeline(urls, _eval(), shuffle_shards=True, shuffle_buffer=5, seed=1)
-    pipe.set_epoch(1)
-    assert [k for _, _, k in pipe] == keys_c
+    pipe = shard_pipeline(urls, _eval(), shuffle_shards=True, shuffle_buffer=5, seed=1, epoch=1)
+    assert [k for _, _, k, _ in pipe] == keys_c
 
 
 def test_resampled_streams_forever(tmp_path):
@@ -117,10 +117,10 @@ def test_resampled_streams_forever(tmp_path):
     assert len(keys) == 20 and set(keys) <= {f"case{i:03d}/img_{i}" for i in range(6)}
 
 
-def test_unlabelled_shards_yield_no_mask(tmp_path):
+def test_unlabelled_shards_cannot_be_trained_on(tmp_path):
     write_shards(tmp_path, n_shards=1, labelled=False, split="data")
-    (image, mask, key), *_ = list(shard_pipeline(shard_urls(tmp_path, "data"), _eval()))
-    assert mask is NO_MASK and not has_mask(mask) and image.shape == (1, SIZE, SIZE)
+    with pytest.raises(ShardSampleError, match="has no mask.png: unlabelled shards cannot be trained on"):
+        list(shard_pipeline(shard_urls(tmp_path, "data"), _eval()))
 
 
 def test_decode_error_names_shard_and_key(tmp_path):
@@ -129,8 +129,10 @@ def test_decode_error_names_shard_and_key(tmp_path):
     with pytest.raises(ShardSampleError, match=r"case004/img_4.*train-000001\.tar"):
         list(shard_pipeline(urls, _eval()))
     counter = SkipCounter(warn=False)
-    keys = [k for _, _, k in shard_pipeline(urls, _eval(), handler=counter)]
+    out = list(shard_pipeline(urls, _eval(), handler=counter))
+    keys = [k for _, _, k, _ in out]
     assert len(keys) == 5 and "case004/img_4" not in keys
+    assert sum(skipped for *_, skipped in out) == 1  # the count travels with the next sample
     assert counter.count == 1 and "case004/img_4" in counter.messages[0]
 
 

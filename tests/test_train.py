@@ -71,15 +71,15 @@ def test_last_batch_holds_the_rest_of_the_training_set():
 
 
 def test_same_checkpoint_under_several_names_is_written_once(tmp_path):
-    from seg.training.loop import _write_checkpoint_files
+    from seg.training.checkpoints import write_linked
 
     (tmp_path / "final_model.pth").write_bytes(b"old")
-    _write_checkpoint_files(tmp_path, ["best_model.pth", "checkpoint_epoch_2.pth", "final_model.pth"], b"weights")
+    write_linked(tmp_path, ["best_model.pth", "checkpoint_epoch_2.pth", "final_model.pth"], b"weights")
     files = [tmp_path / n for n in ("best_model.pth", "checkpoint_epoch_2.pth", "final_model.pth")]
     assert [f.read_bytes() for f in files] == [b"weights"] * 3
     assert len({f.stat().st_ino for f in files}) == 1 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f.name for f in files)  # hard links, no temporaries left
-    _write_checkpoint_files(tmp_path, ["best_model.pth"], b"better")  # an atomic replace of one name
+    write_linked(tmp_path, ["best_model.pth"], b"better")  # an atomic replace of one name
     assert [f.read_bytes() for f in files] == [b"better", b"weights", b"weights"]
 
 

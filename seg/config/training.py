@@ -71,6 +71,11 @@ class DataConfig:
     shuffle_buffer: int = 256
     """Samples held in the streaming shuffle buffer of each worker."""
 
+    skip_bad_samples: bool = False
+    """Skip a training or validation sample that cannot be decoded, and count it (history.csv
+    skipped_samples), instead of stopping the run with an error naming it. A shard that is
+    truncated or changed since `seg prepare` is always an error."""
+
     def __post_init__(self) -> None:
         check_literals(self, "data")
         check_range("data", "image_size", self.image_size, low=0, low_open=True)

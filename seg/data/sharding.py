@@ -37,7 +37,7 @@ from tqdm import tqdm
 from seg.data.io import ImageReadError, check_same_size, decode_image, decode_mask_info, encode_mask_png
 from seg.data.io import read_bytes, to_float01
 from seg.data.pairing import DEFAULT_MASK_SUFFIXES, Pair, Problem, find_pairs, read_pairs_csv, split_of
-from seg.fileio import atomic_write_json, is_temporary, temporary_name
+from seg.fileio import AtomicFile, atomic_write_json, is_temporary
 
 FORMAT_VERSION = 1
 _OWNED = re.compile(r"^(train|val|data)-\d{6}\.tar$")
@@ -125,7 +125,7 @@ class ShardSeries:
         self.out, self.prefix, self.max_count, self.max_bytes = out, prefix, max_count, max_bytes
         self.shards: list[dict] = []
         self.count = 0
-        self._writer = self._tmp = self._stream = None
+        self._writer = self._file = None
         self._n = 0
 
     @staticmethod
@@ -160,19 +160,15 @@ class ShardSeries:
 
     def _open(self) -> None:
         self._name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._tmp = temporary_name(self.out / self._name)
-        self._stream = open(self._tmp, "wb")
-        self._writer = wds.TarWriter(self._stream, mtime=0.0, format="PAX_FORMAT")
+        self._file = AtomicFile(self.out / self._name)
+        self._writer = wds.TarWriter(self._file.file, mtime=0.0, format="PAX_FORMAT")
         self._n = 0
 
     def _close(self) -> None:
         self._writer.close()
-        self._stream.flush()
-        os.fsync(self._stream.fileno())
-        self._stream.close()
-        os.replace(self._tmp, self.out / self._name)
+        self._file.commit()
         self.shards.append({"name": self._name, "count": self._n, "bytes": (self.out / self._name).stat().st_size})
-        self._writer = self._tmp = self._stream = None
+        self._writer = self._file = None
 
     def close(self) -> dict:
         if self._writer is not None:
@@ -180,14 +176,11 @@ class ShardSeries:
         return {"count": self.count, "shards": self.shards}
 
     def abort(self) -> None:
-        if self._stream is not None:
+        if self._file is not None:
             with contextlib.suppress(Exception):
-                self._writer.close()  # writes the tar end blocks into the temporary, about to go
-            with contextlib.suppress(Exception):
-                self._stream.close()
-            with contextlib.suppress(FileNotFoundError):
-                self._tmp.unlink()
-        self._writer = self._tmp = self._stream = None
+                self._writer.close()  # the tar's end blocks go into the temporary, about to go
+            self._file.abort()
+        self._writer = self._file = None
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:

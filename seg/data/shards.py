@@ -5,6 +5,13 @@ Design choices:
 - The pipeline is written out stage by stage (``shard_pipeline``): shard list -> node split ->
   worker split -> [resample] -> tar reading -> [shuffle buffer] -> decode + transform -> tuple.
   Each stage is a small exported function, so the trainer and predictor can compose their own.
+- Shards are checked, not trusted. ``shard_urls`` compares the folder with ``dataset.json``
+  before anything is read: a listed shard that is missing, or whose size differs from the one
+  recorded (truncated, replaced), and an unlisted ``SPLIT-*.tar`` (a shard of another prepare
+  run) are errors naming the shard and the fix. ``shard_samples`` is the one tar reader
+  (training, validation, evaluation, prediction): a tar that breaks while read, or ends before
+  the sample count of ``dataset.json`` (tarfile's stream mode stops silently at a truncated
+  header), raises ``ShardReadError`` naming the shard; never a silently short epoch.
 - Node splitting uses the rank/world size passed in (``urls[rank::world_size]``), not
   webdataset's ``split_by_node`` (which reads ``RANK``/``WORLD_SIZE`` or torch.distributed
   itself): ``seg.dist`` is the one reader of the launcher environment, and the split is testable
@@ -14,21 +21,22 @@ Design choices:
   permutation of the list per (seed, epoch), identical on every rank, before the split (so
   ranks x workers still cover every shard exactly once per epoch); the shuffle buffer, the
   resampling and the augmentation state (``SegTransform.reseed``) are seeded with
-  ``augmentation_seed(seed, epoch, rank, worker)``, one stream each. ``ShardPipeline.set_epoch`` changes the
-  epoch; with ``persistent_workers=True`` the workers keep the epoch they started with, so use
-  non-persistent workers (the default) or rebuild the pipeline.
+  ``augmentation_seed(seed, epoch, rank, worker)``, one stream each; a pipeline is built for
+  one epoch (the trainer starts fresh, non-persistent workers each epoch).
 - ``resampled=True`` draws this worker's shards with replacement forever (the trainer caps the
   steps so every rank runs the same number); without it each shard is read once.
-- Bad samples raise ``ShardSampleError`` naming the shard and key. Skipping is opt-in: pass
-  ``handler=SkipCounter()``, which counts (and keeps the first messages of) what it skipped.
-- A sample without a mask (unlabelled shards) yields ``NO_MASK`` (an empty tensor, which
-  collates) in the mask position; ``has_mask(t)`` tells them apart.
+- Bad samples (an image or mask that does not decode, a sample without its mask) raise
+  ``ShardSampleError`` naming the shard and key: a corrupt sample stops training by default.
+  Skipping is opt-in (``data.skip_bad_samples``: ``handler=SkipCounter()``): every yielded
+  tuple carries how many bad samples this reader skipped just before it, so the count reaches
+  the training process exactly through the DataLoader (``history.csv`` ``skipped_samples``).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import tarfile
 import warnings
 from functools import partial
 from itertools import islice
@@ -37,13 +45,11 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 import webdataset as wds
-from webdataset.filters import _shuffle
 
 from seg.data.io import decode_image, decode_mask
 from seg.data.transforms import augmentation_seed
 
 DATASET_JSON = "dataset.json"
-NO_MASK = torch.zeros(0)
 SHARD_ORDER, RESAMPLE, SHUFFLE = 1, 2, 3  # augmentation_seed streams (augmentation itself is 0)
 
 
@@ -51,9 +57,11 @@ class ShardSampleError(ValueError):
     """A sample in a shard that cannot be used; the message names the shard and the key."""
 
 
-def has_mask(mask: torch.Tensor) -> bool:
-    """False for the ``NO_MASK`` placeholder of unlabelled samples (also after collation)."""
-    return mask.numel() > 0
+class ShardReadError(ValueError):
+    """A shard that breaks while read or holds fewer samples than dataset.json lists."""
+
+
+FIX = "copy the shard folder again, or re-run `seg prepare`"
 
 
 def load_dataset_info(data_dir: str | Path) -> dict:
@@ -79,7 +87,10 @@ def load_dataset_info(data_dir: str | Path) -> dict:
 
 
 def shard_urls(data_dir: str | Path, split: str, info: dict | None = None) -> list[str]:
-    """Sorted paths of a split's shards as listed in dataset.json, each checked to exist.
+    """Sorted paths of a split's shards as listed in dataset.json, checked against the folder.
+
+    Raises ``FileNotFoundError`` for a missing shard and ``ShardReadError`` for one whose size
+    differs from dataset.json or an extra ``SPLIT-*.tar`` that dataset.json does not list.
 
     Args:
         split: 'train', 'val', or 'data' (unlabelled shards).
@@ -90,14 +101,75 @@ def shard_urls(data_dir: str | Path, split: str, info: dict | None = None) -> li
     splits = info.get("splits", {})
     if split not in splits:
         raise ValueError(f"{data_dir / DATASET_JSON} has no split {split!r}; it has {', '.join(splits) or 'none'}")
-    names = sorted(s["name"] for s in splits[split].get("shards", []))
-    if not names:
+    listed = {s["name"]: s for s in splits[split].get("shards", [])}
+    if not listed:
         raise ValueError(f"split {split!r} of {data_dir} has no shards (count {splits[split].get('count', 0)})")
-    missing = [n for n in names if not (data_dir / n).is_file()]
+    missing = [n for n in sorted(listed) if not (data_dir / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) listed in {data_dir / DATASET_JSON} are missing, "
-                                f"e.g. {data_dir / missing[0]}; re-run `seg prepare` or copy the whole folder")
-    return [str(data_dir / n) for n in names]
+                                f"e.g. {data_dir / missing[0]}; {FIX}")
+    for name in sorted(listed):
+        expected = listed[name].get("bytes")
+        size = (data_dir / name).stat().st_size
+        if expected is not None and size != int(expected):
+            raise ShardReadError(f"shard {data_dir / name} has {size} bytes but {DATASET_JSON} lists {expected}: "
+                                 f"it was truncated or replaced after `seg prepare`; {FIX}")
+    extra = sorted(p.name for p in data_dir.glob(f"{split}-*.tar") if p.name not in listed)
+    if extra:
+        raise ShardReadError(f"{data_dir / extra[0]} is not listed in {data_dir / DATASET_JSON} ({len(extra)} such "
+                             f"shard(s)): a shard of another `seg prepare` run? Remove it, or {FIX}")
+    return [str(data_dir / n) for n in sorted(listed)]
+
+
+def shard_counts(data_dir: str | Path, split: str, info: dict) -> dict[str, int]:
+    """``{shard path: sample count}`` of a split as dataset.json lists it."""
+    return {str(Path(data_dir) / s["name"]): int(s["count"]) for s in info["splits"][split].get("shards", [])}
+
+
+def listed_counts(urls: list[str]) -> dict[str, int]:
+    """Sample counts of shards given by path, from the ``dataset.json`` beside them where one
+    lists them (shards given as a pattern); shards without one are read unchecked."""
+    counts: dict[str, int] = {}
+    for folder in sorted({str(Path(u).parent) for u in urls}):
+        try:
+            info = json.loads((Path(folder) / DATASET_JSON).read_text())
+        except (OSError, ValueError):
+            continue
+        for split in info.get("splits", {}).values():
+            for shard in split.get("shards", []):
+                counts[str(Path(folder) / shard["name"])] = int(shard["count"])
+    return {u: counts[str(Path(u))] for u in urls if str(Path(u)) in counts}
+
+
+def shard_samples(url: str, expected: int | None = None) -> Iterator[dict]:
+    """Raw webdataset samples (``__key__``, ``__url__``, ``image.<ext>``, ...) of one tar file.
+
+    Raises:
+        ShardReadError: the tar breaks while read, or holds other than ``expected`` samples.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    n = 0
+    try:
+        with open(url, "rb") as fh:
+            for sample in group_by_keys({**f, "__url__": url} for f in tar_file_iterator(fh)):
+                n += 1
+                yield sample
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+        raise ShardReadError(f"shard {url} cannot be read past sample {n} ({reason}): it is truncated or "
+                             f"corrupt; {FIX}") from exc
+    if expected is not None and n != expected:
+        raise ShardReadError(f"shard {url} ended after {n} samples but {DATASET_JSON} lists {expected}: it was "
+                             f"truncated after `seg prepare`; {FIX}")
+
+
+def read_shards(counts: dict[str, int] | None = None) -> Callable[[Iterable], Iterator]:
+    """Stage: ``{"url"}`` dicts -> raw samples (``shard_samples``, checked against ``counts``)."""
+    def stage(src):
+        for item in src:
+            yield from shard_samples(item["url"], (counts or {}).get(item["url"]))
+    return stage
 
 
 def check_enough_shards(n_shards: int, world_size: int, num_workers: int, what: str = "training") -> None:
@@ -200,81 +272,74 @@ def shuffle_samples(size: int, seed: int, epoch: int, rank: int, worker: int | N
     """Stage shuffling samples in a buffer of ``size`` (seeded per reader)."""
     def stage(src):
         w = _worker_info(worker)[0]
-        return _shuffle(src, bufsize=size, initial=size, seed=augmentation_seed(seed, epoch, rank, w, stream=SHUFFLE))
+        return wds.shuffle(size, size, seed=augmentation_seed(seed, epoch, rank, w, stream=SHUFFLE))(src)
     return stage
 
 
 def decode_and_transform(transform, seed: int, epoch: int, rank: int, worker: int | None = None,
                          handler: Callable[[Exception], bool] | None = None) -> Callable:
-    """Stage: raw sample -> ``(image tensor, mask tensor | NO_MASK, key)``.
+    """Stage: raw labelled sample -> ``(image tensor, mask tensor, key, skipped)``.
 
-    Reseeds ``transform`` (when it has ``reseed``) for this (seed, epoch, rank, worker).
+    ``skipped`` is the number of bad samples ``handler`` skipped just before this one (always 0
+    without a handler, which raises instead). Reseeds ``transform`` (when it has ``reseed``) for
+    this (seed, epoch, rank, worker).
     """
     def stage(src):
         if hasattr(transform, "reseed"):
             transform.reseed(augmentation_seed(seed, epoch, rank, _worker_info(worker)[0]))
+        skipped = 0
         for raw in src:
             try:
                 s = decode_sample(raw)
+                if s["mask"] is None:
+                    raise ShardSampleError(f"sample {s['key']!r} in shard {raw.get('__url__')} has no mask.png: "
+                                           "unlabelled shards cannot be trained on, or the shard is damaged")
                 try:
                     image, mask = transform(s["image"], s["mask"])
                 except Exception as exc:
                     raise ShardSampleError(f"sample {s['key']!r} in shard {raw.get('__url__')}: "
                                            f"transform failed: {exc}") from exc
-            except Exception as exc:
+            except ShardSampleError as exc:
                 if handler is not None and handler(exc):
+                    skipped += 1
                     continue
                 raise
-            yield image, (mask if mask is not None else NO_MASK), s["key"]
+            yield image, mask, s["key"], skipped
+            skipped = 0
     return stage
-
-
-class ShardPipeline(wds.DataPipeline):
-    """A ``webdataset.DataPipeline`` whose epoch can be changed (``set_epoch``) between passes."""
-
-    def __init__(self, build: Callable[[int], list], epoch: int = 0):
-        self._build = build
-        self.epoch = epoch
-        super().__init__(*build(epoch))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.pipeline = list(self._build(epoch))
 
 
 def shard_pipeline(urls: list[str], transform, *, split_by_node: bool = True, split_by_worker: bool = True,
                    shuffle_buffer: int = 0, shuffle_shards: bool = False, seed: int = 0,
                    resampled: bool = False, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                   handler: Callable[[Exception], bool] | None = None,
-                   worker: int | None = None, num_workers: int | None = None) -> ShardPipeline:
-    """The streaming reader: an IterableDataset of ``(image, mask | NO_MASK, key)``.
+                   counts: dict[str, int] | None = None, handler: Callable[[Exception], bool] | None = None,
+                   worker: int | None = None, num_workers: int | None = None) -> wds.DataPipeline:
+    """The streaming reader of labelled shards: an IterableDataset of ``(image, mask, key, skipped)``.
 
     Args:
         urls: shard paths (``shard_urls``).
-        transform: ``(image, mask) -> (tensor, tensor | None)``, e.g. ``build_train_transform``.
+        transform: ``(image, mask) -> (tensor, tensor)``, e.g. ``build_train_transform``.
         split_by_node: keep this rank's shards ``[rank::world_size]``.
         split_by_worker: keep this DataLoader worker's shards.
         shuffle_buffer: samples in the shuffle buffer; 0 keeps the shard order.
         shuffle_shards: permute the shard list per (seed, epoch) before splitting.
         seed, epoch, rank, world_size: the reader's identity (see the module docstring).
         resampled: draw shards with replacement forever (streaming training).
+        counts: ``shard_counts``: a shard ending before its count is a ``ShardReadError``.
         handler: None raises on a bad sample; ``SkipCounter()`` skips and counts.
         worker, num_workers: override the DataLoader worker info (tests, custom loops).
     Shape:
-        yields ``(float32 (C, S, S), float32 (1, S, S) or NO_MASK, str)``
+        yields ``(float32 (C, S, S), float32 (1, S, S), str, int)``
     """
     if not urls:
         raise ValueError("no shards given to shard_pipeline (see shard_urls)")
-    tar_handler = handler if handler is not None else wds.reraise_exception
-
-    def build(ep: int) -> list:
-        return [
-            partial(iter, epoch_shard_order(urls, seed, ep, shuffle_shards)),  # source stage
-            split_by_rank(rank, world_size) if split_by_node else None,
-            split_workers(worker, num_workers) if split_by_worker else None,
-            resample(seed, ep, rank, worker) if resampled else None,
-            wds.tarfile_to_samples(handler=tar_handler),
-            shuffle_samples(shuffle_buffer, seed, ep, rank, worker) if shuffle_buffer > 0 else None,
-            decode_and_transform(transform, seed, ep, rank, worker, handler),
-        ]
-    return ShardPipeline(lambda ep: [s for s in build(ep) if s is not None], epoch)
+    stages = [
+        partial(iter, epoch_shard_order(urls, seed, epoch, shuffle_shards)),  # source stage
+        split_by_rank(rank, world_size) if split_by_node else None,
+        split_workers(worker, num_workers) if split_by_worker else None,
+        resample(seed, epoch, rank, worker) if resampled else None,
+        read_shards(counts),
+        shuffle_samples(shuffle_buffer, seed, epoch, rank, worker) if shuffle_buffer > 0 else None,
+        decode_and_transform(transform, seed, epoch, rank, worker, handler),
+    ]
+    return wds.DataPipeline(*[s for s in stages if s is not None])

@@ -106,6 +106,7 @@ class LabelledImages:
             raise ValueError(f"--split {split!r} is not valid; allowed values are {', '.join(DATA_SPLITS)}")
         self.data_dir, self.split = data_dir, split
         self.urls: list[str] = []
+        self.counts: dict[str, int] = {}
         self.pairs: list = []
         self.total: int | None = None  # number of images, when known before reading
         path = Path(data_dir)
@@ -134,7 +135,7 @@ class LabelledImages:
         self.description = f"raw images {path / 'images'} with masks {masks} ({len(pairs)} pairs)"
 
     def _prepared_folder(self, path: Path, split: str) -> None:
-        from seg.data.shards import load_dataset_info, shard_urls
+        from seg.data.shards import load_dataset_info, shard_counts, shard_urls
 
         info = load_dataset_info(path)
         names = ("train", "val") if split == "all" else (split,)
@@ -147,6 +148,7 @@ class LabelledImages:
         if not have:
             raise ValueError(f"{path} has no train or val shards (unlabelled shards hold no masks to evaluate against)")
         self.urls = [u for n in have for u in shard_urls(path, n, info)]
+        self.counts = {u: c for n in have for u, c in shard_counts(path, n, info).items()}
         counts = [info["splits"][n].get("count") for n in have]
         self.total = sum(counts) if all(isinstance(c, int) for c in counts) else None
         self.description = f"{', '.join(have)} split of {path} ({len(self.urls)} shards)"
@@ -163,7 +165,10 @@ class LabelledImages:
                              f"({'missing: ' + missing[0] if missing else 'no match'}); give a folder written by "
                              "`seg prepare`, a shard pattern such as 'shards/val-{000000..000003}.tar', or a folder "
                              "with images/ and masks/")
+        from seg.data.shards import listed_counts
+
         self.urls = urls
+        self.counts = listed_counts(urls)
         self.description = f"shards {pattern} ({len(urls)} files)"
 
     @staticmethod
@@ -185,19 +190,12 @@ class LabelledImages:
         return Scorable(index, sample["key"], sample["mask"], image=sample["image"])
 
     def _shard_items(self, rank: int, world: int) -> Iterator:
-        import tarfile
+        from seg.data.shards import read_shards
 
-        import webdataset as wds
-
-        samples = wds.tarfile_samples([{"url": u} for u in self.urls])
-        try:
-            for i, sample in enumerate(samples):
-                if i % world == rank:
-                    yield i, sample
-        except tarfile.TarError as exc:  # webdataset re-raises with (reason, stream, url)
-            where = exc.args[-1] if len(exc.args) > 1 else "of " + ", ".join(self.urls)
-            raise ValueError(f"shard {where} cannot be read ({exc.args[0] if exc.args else exc}): truncated or not "
-                             "a tar file; re-run `seg prepare` or copy the shard again") from None
+        samples = read_shards(self.counts)({"url": u} for u in self.urls)
+        for i, sample in enumerate(samples):
+            if i % world == rank:
+                yield i, sample
 
     def assigned(self, rank: int, world: int, workers: int = 4) -> Iterator[Scorable]:
         if self.pairs:

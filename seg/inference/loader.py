@@ -8,10 +8,10 @@ Design choices:
   input that could not be read: the reason, the job goes on) and ``UnitEnd`` (the unit's
   counts), which tells the main process that a unit has no more records. Records are plain
   tuples of numpy arrays and strings, so the DataLoader moves them through shared memory.
-- Shards are read with webdataset's own tar iteration and key grouping (the same member ->
-  sample rule as training) and decoded by ``seg.data.shards.decode_sample``. A shard that
-  breaks mid-way (truncated tar) keeps the samples read before and records a failure for the
-  rest.
+- Shards are read by ``seg.data.shards.shard_samples`` (the same reader, member -> sample rule
+  and checks as training, against the ``dataset.json`` beside them when there is one) and
+  decoded by ``seg.data.shards.decode_sample``. A shard that breaks mid-way or ends short
+  keeps the samples read before and records a failure naming the shard for the rest.
 - Only the prepared raw pixels (channels adapted, resized in resize mode, still uint8/uint16)
   travel to the main process, stacked into ``Chunk``s of up to ``chunk`` images as one tensor,
   which the DataLoader passes through shared memory: one message per chunk, not per image
@@ -70,15 +70,6 @@ class UnitEnd(NamedTuple):
     failures: int
 
 
-def shard_samples(path: str) -> Iterator[dict]:
-    """Raw webdataset samples (``__key__``, ``__url__``, ``image.<ext>``, ...) of one tar file."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    with open(path, "rb") as fh:
-        files = ({**f, "__url__": path} for f in tar_file_iterator(fh))
-        yield from group_by_keys(files)
-
-
 class UnitStream(torch.utils.data.IterableDataset):
     """Iterable of ``Chunk``/``Failure``/``UnitEnd`` records for ``units`` (see module docstring).
 
@@ -135,19 +126,19 @@ class UnitStream(torch.utils.data.IterableDataset):
         yield UnitEnd(unit.index, done, failed)
 
     def _shard(self, unit: Unit) -> Iterator:
-        from seg.data.shards import ShardSampleError, decode_sample
+        from seg.data.shards import ShardSampleError, decode_sample, listed_counts, shard_samples
 
         shard = unit.sources[0]
         done = failed = 0
-        samples = shard_samples(shard)
+        samples = shard_samples(shard, listed_counts([shard]).get(shard))
         while True:
             try:
                 sample = next(samples)
             except StopIteration:
                 break
-            except Exception as exc:  # tarfile.ReadError, OSError, duplicate members: the shard is broken
+            except ValueError as exc:  # ShardReadError: truncated, corrupt, or shorter than dataset.json
                 failed += 1
-                yield Failure(unit.index, shard, f"{shard}: shard cannot be read past {done + failed - 1} samples ({exc})")
+                yield Failure(unit.index, shard, str(exc))
                 break
             source = f"{shard}:{sample['__key__']}"
             try:

@@ -24,7 +24,6 @@ Design choices:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import os
@@ -39,7 +38,7 @@ import cv2
 import numpy as np
 
 from seg.data.io import encode_mask_png
-from seg.fileio import TMP_MARK, temporary_name
+from seg.fileio import AtomicFile
 from seg.inference.engine import Predictor
 
 OVERLAY_COLOUR = np.array([255, 0, 0], np.float32)  # RGB red
@@ -100,30 +99,15 @@ _made_dirs: set[str] = set()  # folders this process has created (or found), so 
 
 
 def write_file_atomic(path: str, data: bytes, token: str) -> None:
-    """Write ``data`` to ``.NAME.tmp-TOKEN`` beside ``path``, then rename it to ``path``.
-
-    The ``seg.fileio`` temporary-name convention (so stale temporaries are recognised), without
-    its per-call ``mkdir`` and random name: for millions of small files those syscalls cost
-    more than encoding the PNG. ``token`` must be unique to this writer and file.
-    """
-    folder, name = os.path.split(path)
+    """``seg.fileio.AtomicFile`` without fsync, with the caller's token and each folder made once:
+    for millions of small files a per-file ``mkdir``, random name and fsync cost more than
+    encoding the PNG. ``token`` must be unique to this writer and file."""
+    folder = os.path.dirname(path)
     if folder not in _made_dirs:
         os.makedirs(folder, exist_ok=True)
         _made_dirs.add(folder)
-    tmp = os.path.join(folder, f".{name}{TMP_MARK}{token}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with AtomicFile(path, fsync=False, token=token, make_dirs=False) as f:
+        f.write(data)
 
 
 class UnitSink:
@@ -133,7 +117,7 @@ class UnitSink:
         self.out_dir, self.unit_id, self.fmt = Path(out_dir), unit_id, fmt
         self.lock = threading.Lock()
         self.tar_path = self.out_dir / f"{unit_id}.tar" if fmt == "tar" else None
-        self._tmp: Path | None = None
+        self._file: AtomicFile | None = None
         self._tar: tarfile.TarFile | None = None
         self._token = f"{os.getpid()}-{secrets.token_hex(4)}-"
         self._count = itertools.count()
@@ -143,39 +127,33 @@ class UnitSink:
             write_file_atomic(os.path.join(self.out_dir, name), data, self._token + str(next(self._count)))
             return
         with self.lock:
-            if self._tar is None:
-                self.tar_path.parent.mkdir(parents=True, exist_ok=True)
-                self._tmp = temporary_name(self.tar_path)
-                self._tar = tarfile.open(self._tmp, "w")
+            self._open_tar()
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
             self._tar.addfile(info, io.BytesIO(data))
+
+    def _open_tar(self) -> None:
+        if self._tar is None:
+            self._file = AtomicFile(self.tar_path)
+            self._tar = tarfile.open(fileobj=self._file.file, mode="w")
 
     def close(self) -> str | None:
         """Finish the unit's files; for tar, close, fsync and rename it. Returns the tar's name."""
         if self.fmt == "png":
             return None
         with self.lock:
-            if self._tar is None:  # a unit whose images all failed still gets its (empty) tar
-                self.tar_path.parent.mkdir(parents=True, exist_ok=True)
-                self._tmp = temporary_name(self.tar_path)
-                self._tar = tarfile.open(self._tmp, "w")
+            self._open_tar()  # a unit whose images all failed still gets its (empty) tar
             self._tar.close()
-            fd = os.open(self._tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(self._tmp, self.tar_path)
-            self._tar = None
+            self._file.commit()
+            self._tar = self._file = None
         return self.tar_path.relative_to(self.out_dir).as_posix()
 
     def abort(self) -> None:
         with self.lock:
             if self._tar is not None:
                 self._tar.close()
-                self._tmp.unlink(missing_ok=True)
-                self._tar = None
+                self._file.abort()
+                self._tar = self._file = None
 
 
 class Writers:

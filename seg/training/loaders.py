@@ -23,22 +23,26 @@ Design choices:
   as many shards as readers the split is by shard; otherwise every reader walks all val shards
   and keeps samples ``index mod readers == reader``, decoding only its own. Readers may get
   unequal counts; nothing in validation is a collective until the final gather.
+- Shards are compared with dataset.json before the first step and while read
+  (``seg.data.shards``). A corrupt sample stops training (exit code 1, the message names the
+  shard and key) unless ``data.skip_bad_samples``: then it is skipped and counted, per epoch,
+  in ``history.csv`` (``skipped_samples``) and the epoch's log line.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader
 
 from seg.config import Config
-from seg.data.shards import (check_enough_shards, decode_and_transform, load_dataset_info, shard_pipeline,
-                             shard_urls)
+from seg.data.shards import (SkipCounter, check_enough_shards, decode_and_transform, load_dataset_info,
+                             read_shards, shard_counts, shard_pipeline, shard_urls)
 from seg.data.transforms import augmentation_seed, build_eval_transform, build_train_transform, channel_stats
 
 
@@ -46,7 +50,8 @@ class DataSpec:
     """What the trainer needs to know about a prepared data set.
 
     Attributes:
-        info: parsed dataset.json; train_urls/val_urls: shard paths; n_train/n_val: sample counts;
+        info: parsed dataset.json; train_urls/val_urls: shard paths (checked against dataset.json:
+        ``seg.data.shards.shard_urls``); counts: samples per shard; n_train/n_val: sample counts;
         mean/std: normalisation per input channel; preprocess: the checkpoint's preprocess dict.
     """
 
@@ -63,12 +68,36 @@ class DataSpec:
             raise ValueError(f"{self.data_dir} has no validation shards; training selects the best model and "
                              f"stops early on validation Dice: re-run `seg prepare ... --val_split 0.2`")
         self.val_urls = shard_urls(self.data_dir, "val", self.info)
+        self.counts = {**shard_counts(self.data_dir, "train", self.info), **shard_counts(self.data_dir, "val", self.info)}
         self.n_train = int(splits["train"]["count"])
         self.n_val = int(splits["val"]["count"])
         self.mean, self.std = channel_stats(d.normalization, self.info, d.in_channels)
         self.preprocess = {"image_size": d.image_size, "in_channels": d.in_channels,
                            "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
                            "sampling": d.sampling}
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The shape of every epoch on every rank (so all ranks run the same number of steps).
+
+    Attributes:
+        steps: optimizer steps per epoch; micro: micro-batches per rank (steps x grad_accum);
+        last_size: per-rank size of the final micro-batch; images: training images of an
+        epoch, all ranks together.
+    """
+
+    steps: int
+    micro: int
+    last_size: int
+    images: int
+
+    @classmethod
+    def of(cls, n_train: int, batch_size: int, world_size: int, grad_accum: int, cap: int = 0) -> "EpochPlan":
+        steps = steps_per_epoch(n_train, batch_size, world_size, grad_accum, cap)
+        micro = steps * grad_accum
+        last = last_batch_size(n_train, batch_size, world_size, grad_accum, steps)
+        return cls(steps, micro, last, ((micro - 1) * batch_size + last) * world_size)
 
 
 def steps_per_epoch(n_train: int, batch_size: int, world_size: int, grad_accum: int, cap: int = 0) -> int:
@@ -104,6 +133,11 @@ def check_shards(spec: DataSpec, world_size: int, num_workers: int) -> None:
                          f"or pass --num_workers {max(0, len(spec.train_urls) // world_size)}") from None
 
 
+def _skipper(cfg: Config) -> SkipCounter | None:
+    """The bad-sample handler: None (a bad sample stops the run) unless data.skip_bad_samples."""
+    return SkipCounter() if cfg.data.skip_bad_samples else None
+
+
 def ignore_preemption_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGUSR1 (Slurm signals every process
     of a job; the main process decides, saves and exits, and its workers stop with it)."""
@@ -120,14 +154,16 @@ def train_loader(cfg: Config, spec: DataSpec, epoch: int, rank: int, world_size:
     """The endless training stream of one rank for one epoch (take the steps you need).
 
     Shape:
-        yields ``(images float32 (B, C, S, S), masks float32 (B, 1, S, S), keys list[str])``
+        yields ``(images float32 (B, C, S, S), masks float32 (B, 1, S, S), keys list[str],
+        skipped int64 (B,))``: ``skipped`` counts bad samples skipped (``data.skip_bad_samples``).
     """
     d, t = cfg.data, cfg.train
     transform = build_train_transform(d.image_size, spec.mean, spec.std, d.in_channels, d.sampling,
                                       d.augment, seed=augmentation_seed(t.seed, epoch, rank))
     dataset = shard_pipeline(spec.train_urls, transform, split_by_node=True, split_by_worker=True,
                              shuffle_buffer=d.shuffle_buffer, shuffle_shards=True, seed=t.seed,
-                             resampled=True, epoch=epoch, rank=rank, world_size=world_size)
+                             resampled=True, epoch=epoch, rank=rank, world_size=world_size, counts=spec.counts,
+                             handler=_skipper(cfg))
     return DataLoader(dataset, batch_size=t.batch_size, num_workers=d.num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
                       generator=_seeded_generator(t.seed, epoch, rank), worker_init_fn=ignore_preemption_signals,
@@ -160,24 +196,25 @@ class ValDataset(torch.utils.data.IterableDataset):
         yields ``(float32 (C, S, S), float32 (1, S, S), key)``
     """
 
-    def __init__(self, urls: list[str], transform, rank: int, world_size: int):
+    def __init__(self, urls: list[str], transform, rank: int, world_size: int, counts: dict[str, int] | None = None,
+                 handler=None):
         super().__init__()
         self.readers = _ValReaders(urls, rank, world_size)
-        self.transform, self.rank = transform, rank
+        self.transform, self.rank, self.counts, self.handler = transform, rank, counts, handler
 
     def __iter__(self):
         source, split = self.readers()
-        samples = wds.tarfile_to_samples()(source)
+        samples = read_shards(self.counts)(source)
         if split is not None:
             samples = split(samples)
-        yield from decode_and_transform(self.transform, 0, 0, self.rank)(samples)
+        yield from decode_and_transform(self.transform, 0, 0, self.rank, handler=self.handler)(samples)
 
 
 def val_loader(cfg: Config, spec: DataSpec, rank: int, world_size: int, batch_size: int | None = None) -> DataLoader:
     """This rank's share of the validation set (``patch`` sampling: one image per batch)."""
     d = cfg.data
     transform = build_eval_transform(d.image_size, spec.mean, spec.std, d.in_channels, d.sampling)
-    dataset = ValDataset(spec.val_urls, transform, rank, world_size)
+    dataset = ValDataset(spec.val_urls, transform, rank, world_size, spec.counts, _skipper(cfg))
     if batch_size is None:
         batch_size = cfg.train.batch_size if d.sampling == "resize" else 1
     workers = min(d.num_workers, max(1, len(spec.val_urls)))

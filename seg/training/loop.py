@@ -1,9 +1,14 @@
-"""The training loop: build, resume, epochs of steps, validation, checkpoints, preemption.
+"""The training loop: a ``Trainer`` built once, whose ``train()`` reads top to bottom.
 
 Design choices:
 
+- ``Trainer.__init__`` builds everything (Accelerator, checked data, model, optimizer, schedule)
+  and resumes from ``last/``; ``train()`` is the loop: epochs of steps, then validation and the
+  epoch's files. Collaborators keep their own concern: ``loaders`` (data), ``validate`` (exact
+  metrics), ``checkpoints.RunFolder`` (run-folder files), ``state`` (``last/``, preemption),
+  ``history`` (rows and log lines).
 - Adam is fused where supported (``build_optimizer``): on CPU the default foreach Adam took up
-  to a quarter of a 256 px step of the 31M model.
+  to a quarter of a 256 px step of the 31M model (docs/BENCHMARKS.md).
 - ``train_step`` is the whole per-step work (forward under Accelerate's autocast, loss,
   backward, clipping, optimizer step inside ``accelerator.accumulate``) and is shared with the
   benchmark (``tools/bench/train_bench.py``). It makes no host sync: the loss stays a device
@@ -23,30 +28,25 @@ Design choices:
   workers and the first batches run while this process imports and builds; every epoch's
   validation workers prefetch during the training steps.
 - Rank 0 writes every shared file; other ranks only join the collectives (gathers, barriers).
-  A model checkpoint is serialised once and written once; best/periodic/final files holding
-  the same weights are hard links to that file (atomic rename into place);
-  the final plots render in a thread while the checkpoints are written.
 """
 
 from __future__ import annotations
 
-import io
-import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from seg.checkpoint import model_checkpoint
-from seg.config import Config, config_to_dict, config_to_yaml
-from seg.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, temporary_name
+from seg.config import Config, config_to_dict
+from seg.config.training import ModelConfig
 from seg.losses import build_loss
 from seg.model import build_model
-from seg.training import history, loaders, plots, state
+from seg.training import history, loaders, state
 from seg.training.accel import build_accelerator, describe, prepare_model, resolve_mixed_precision, to_device
-from seg.training.provenance import PROVENANCE_FILE, collect_provenance
+from seg.training.checkpoints import RunFolder, checkpoint_names
+from seg.training.provenance import collect_provenance
 from seg.training.validate import validate
 
 LOG_EVERY = 10  # progress-bar loss refresh, in steps (each read is a host sync)
@@ -85,11 +85,7 @@ def build_scheduler(cfg: Config, optimizer):
 
 
 def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam, fused (one kernel over all parameters) where the device supports it, else foreach.
-
-    On this project's 2-core CPU the fused step over the 31M parameters measured 2-3x faster
-    than the default multi-tensor (foreach) Adam, whose ~0.7 s was up to a quarter of a 256 px step.
-    """
+    """Adam, fused (one kernel over all parameters) where the device supports it, else foreach."""
     try:
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
@@ -106,20 +102,15 @@ def build_training(cfg: Config, accelerator):
     return model, optimizer, build_loss(t.loss, t.bce_weight, t.dice_weight)
 
 
-def _log(accelerator, text: str) -> None:
-    if accelerator.is_main_process:
-        tqdm.write(text)
-
-
-def _check_resumable(run_dir: Path, cfg: Config) -> None:
-    """The stored model section must match: last/ weights cannot load into another network."""
+def check_resumable(run_dir: Path, cfg: Config) -> None:
+    """The stored network must match: ``last/`` weights cannot load into another network."""
     import yaml
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         return
-    stored = (yaml.safe_load(path.read_text()) or {})
-    keys = [("model", k) for k in ("base_channels", "bilinear")] + [("data", "in_channels")]
+    stored = yaml.safe_load(path.read_text()) or {}
+    keys = [("model", k) for k in ModelConfig.__dataclass_fields__] + [("data", "in_channels")]
     diff = [f"{s}.{k}: {stored.get(s, {}).get(k)!r} -> {getattr(getattr(cfg, s), k)!r}"
             for s, k in keys if stored.get(s, {}).get(k) != getattr(getattr(cfg, s), k)]
     if diff:
@@ -127,214 +118,192 @@ def _check_resumable(run_dir: Path, cfg: Config) -> None:
                          f"to start over in {run_dir}, or use another --checkpoint_dir")
 
 
-class _Epoch:
-    """Running sums of one epoch on this rank (loss stays on the device)."""
+class RunningEpoch:
+    """Running sums of one epoch on this rank (the loss stays on the device)."""
 
     def __init__(self, device, progress: state.Progress):
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float32) + progress.loss_sum
-        self.count = progress.loss_count
+        self.count, self.skipped = progress.loss_count, progress.skipped
         self.start = time.perf_counter() - progress.seconds
         self.data_seconds = progress.data_seconds
 
-    def mean_loss_all_ranks(self, accelerator) -> float:
-        total = accelerator.reduce(self.loss_sum.clone(), reduction="mean") if accelerator.num_processes > 1 else self.loss_sum
-        return float(total) / max(1, self.count)
+    def totals(self, accelerator) -> tuple[float, int]:
+        """(mean loss per micro-batch, skipped samples), over all ranks: one all-reduce."""
+        sums = torch.stack([self.loss_sum.float(), torch.tensor(float(self.skipped), device=self.loss_sum.device)])
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+            sums[0] /= accelerator.num_processes
+        return float(sums[0]) / max(1, self.count), int(sums[1])
 
-    def saved(self, accelerator, progress: state.Progress, step: int) -> state.Progress:
-        total = accelerator.reduce(self.loss_sum.clone(), reduction="mean") if accelerator.num_processes > 1 else self.loss_sum
-        return replace(progress, step=step, loss_sum=float(total), loss_count=self.count,
-                       seconds=time.perf_counter() - self.start, data_seconds=self.data_seconds)
+    def progress(self, accelerator, base: state.Progress, epoch: int, step: int) -> state.Progress:
+        """``base`` advanced to ``step`` of ``epoch`` with this epoch's sums (for a mid-epoch save)."""
+        mean, skipped = self.totals(accelerator)
+        return replace(base, epoch=epoch, step=step, loss_sum=mean * self.count, loss_count=self.count,
+                       skipped=skipped, seconds=time.perf_counter() - self.start, data_seconds=self.data_seconds)
+
+
+class Trainer:
+    """One training run as configured (see the module docstring)."""
+
+    def __init__(self, cfg: Config, argv: list[str] | None = None):
+        t = cfg.train
+        self.cfg, self.run_dir = cfg, Path(t.checkpoint_dir)
+        self.accelerator = a = build_accelerator(cfg, project_dir=str(self.run_dir))
+        self.spec = loaders.DataSpec(cfg)
+        loaders.check_shards(self.spec, a.num_processes, cfg.data.num_workers)
+        self.plan = loaders.EpochPlan.of(self.spec.n_train, t.batch_size, a.num_processes, t.grad_accum,
+                                         t.max_steps_per_epoch)
+        last = state.find_last(self.run_dir) if t.resume else None
+        self.progress = state.read_progress(last) if last is not None else state.Progress()
+        self.done = self.progress.finished and (self.progress.epoch >= t.epochs or self.progress.stopped_early)
+        # The first epoch's loaders start now: their workers import albumentations, decode and
+        # augment while this process builds the model (they use no global RNG: seeded generators).
+        self._next_loaders = None if self.done else self._start_loaders(self.progress.epoch)
+        self.model, self.optimizer, self.loss_fn = build_training(cfg, a)
+        self.scheduler = build_scheduler(cfg, self.optimizer.optimizer)
+        self.resumed_from = None
+        if last is not None and not self.done:
+            check_resumable(self.run_dir, cfg)
+            loaded = state.load_last(last, a, self.model, self.optimizer, self.scheduler)
+            self.progress = replace(loaded, finished=False, preempted=False)
+            self.resumed_from = last
+        self.provenance = collect_provenance(self.spec.data_dir, a.num_processes, t.seed,
+                                             resolve_mixed_precision(t.mixed_precision), argv)
+        self.folder = RunFolder(self.run_dir, dict(preprocess=self.spec.preprocess, threshold=t.threshold,
+                                                   config=config_to_dict(cfg), provenance=self.provenance))
+
+    def log(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(text)
+
+    def train(self) -> int:
+        """Run the remaining epochs; 0 when done, ``state.PREEMPTED_EXIT_CODE`` after a preemption save."""
+        t, a = self.cfg.train, self.accelerator
+        if self.done:
+            p = self.progress
+            self.log(f"{self.run_dir} has finished ({p.epoch} epochs{', stopped early' if p.stopped_early else ''}); "
+                     "nothing to do. Pass --no_resume to train again from scratch, or raise --epochs.")
+            return 0
+        self._start()
+        flag = state.PreemptionFlag().install()
+        try:
+            for epoch in range(self.progress.epoch, t.epochs):
+                running, val_batches = self._train_epoch(epoch, flag)
+                if running is None:  # preempted mid-epoch: last/ saved
+                    return state.PREEMPTED_EXIT_CODE
+                self.progress = self._end_epoch(epoch, running, val_batches)
+                if self.progress.finished:
+                    break
+                if flag.agreed(a):
+                    if a.is_main_process:
+                        state.mark_preempted(self.run_dir, self.progress)
+                    self.log(f"preempted (signal {flag.signum}) after epoch {epoch + 1}: state saved; "
+                             f"exiting with {state.PREEMPTED_EXIT_CODE}")
+                    return state.PREEMPTED_EXIT_CODE
+        finally:
+            flag.restore()
+            if a.log_with:
+                a.end_training()
+        return 0
+
+    def _start(self) -> None:
+        """The run folder (rank 0), the start-up log, trackers."""
+        cfg, a, p = self.cfg, self.accelerator, self.plan
+        t = cfg.train
+        if a.is_main_process:
+            self.folder.start(cfg, self.provenance, self.progress.epoch if self.resumed_from is not None else None)
+            if self.resumed_from is not None:
+                tqdm.write(f"resuming {self.resumed_from} at epoch {self.progress.epoch + 1}, "
+                           f"step {self.progress.step}/{p.micro}")
+            from seg.config import config_to_yaml
+
+            tqdm.write(f"seg train: {describe(a)}\n{config_to_yaml(cfg)}"
+                       f"{self.spec.n_train} training / {self.spec.n_val} validation images, {p.steps} steps of "
+                       f"{t.batch_size}x{a.num_processes}x{t.grad_accum} images per epoch"
+                       f"{f' (last batch {p.last_size}x{a.num_processes})' if p.last_size < t.batch_size else ''}")
+        if a.log_with:
+            a.init_trackers(self.run_dir.name, config={f"{s}.{k}": v for s, sec in config_to_dict(cfg).items()
+                                                       for k, v in sec.items()})
+
+    def _start_loaders(self, epoch: int):
+        """(train, validation) batch iterators of one epoch, their workers started now.
+
+        The validation workers read and transform their first batches during the training steps
+        (validation data does not depend on the model) and wait, so validation starts at once.
+        """
+        a = self.accelerator
+        return (iter(loaders.train_loader(self.cfg, self.spec, epoch, a.process_index, a.num_processes)),
+                iter(loaders.val_loader(self.cfg, self.spec, a.process_index, a.num_processes)))
+
+    def _train_epoch(self, epoch: int, flag: state.PreemptionFlag):
+        """The epoch's training steps: (running sums, validation batches), or (None, None) when
+        preempted mid-epoch (``last/`` then holds the step reached)."""
+        t, a, p = self.cfg.train, self.accelerator, self.plan
+        running = RunningEpoch(a.device, self.progress)
+        self.model.train()
+        loader, val_batches = self._next_loaders or self._start_loaders(epoch)
+        self._next_loaders = None
+        for _ in range(self.progress.step):  # resume mid-epoch: regenerate and skip what was done
+            next(loader)
+        bar = tqdm(total=p.micro, initial=self.progress.step, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch",
+                   disable=not a.is_main_process, leave=False, dynamic_ncols=True)
+        for i in range(self.progress.step, p.micro):
+            waited = time.perf_counter()
+            images, masks, _, skipped = next(loader)
+            if i == p.micro - 1 and p.last_size < len(images):  # the remainder of the training set
+                images, masks = images[:p.last_size], masks[:p.last_size]
+            running.data_seconds += time.perf_counter() - waited
+            running.skipped += int(skipped.sum())
+            images = to_device(images, a.device, t.channels_last)
+            masks = to_device(masks, a.device, t.channels_last)
+            running.loss_sum += train_step(a, self.model, self.optimizer, self.loss_fn, images, masks, t.grad_clip)
+            running.count += 1
+            bar.update(1)
+            if a.is_main_process and (i + 1) % LOG_EVERY == 0:
+                elapsed = time.perf_counter() - running.start
+                bar.set_postfix(loss=f"{float(running.loss_sum) / running.count:.4f}",
+                                img_s=f"{running.count * t.batch_size * a.num_processes / max(elapsed, 1e-9):.2f}")
+            if (i + 1) % t.grad_accum == 0 and i + 1 < p.micro and flag.agreed(a):
+                bar.close()
+                saved = replace(running.progress(a, self.progress, epoch, i + 1), preempted=True)
+                state.save_last(self.run_dir, a, self.model, self.optimizer, self.scheduler, saved)
+                self.log(f"preempted (signal {flag.signum}) at epoch {epoch + 1} step {i + 1}/{p.micro}: "
+                         f"state saved in {self.run_dir / state.LAST}; exiting with {state.PREEMPTED_EXIT_CODE}")
+                return None, None
+        bar.close()
+        return running, val_batches
+
+    def _end_epoch(self, epoch: int, running: RunningEpoch, val_batches) -> state.Progress:
+        """Validate, schedule, write the epoch's files (rank 0), save ``last/`` (all ranks)."""
+        t, a = self.cfg.train, self.accelerator
+        train_seconds = time.perf_counter() - running.start
+        train_loss, skipped = running.totals(a)
+        report, val_loss, samples = validate(self.model, val_batches, self.loss_fn, a, t.threshold, t.channels_last,
+                                             expected=self.spec.n_val, keep_samples=PLOT_SAMPLES)
+        dice, lr = report["global"]["dice"], self.optimizer.param_groups[0]["lr"]
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(dice)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        new = state.after_epoch(self.progress, epoch, dice, t.epochs, t.early_stopping)
+        improved = new.best_epoch == epoch + 1
+        row = history.epoch_row(epoch + 1, train_loss, val_loss, report, lr, time.perf_counter() - running.start,
+                                self.plan.images, train_seconds, running.data_seconds, skipped + report["skipped"])
+        if a.is_main_process:
+            metrics = {**report["global"], "val_loss": val_loss}
+            self.folder.end_epoch(a.unwrap_model(self.model), row, epoch + 1, metrics,
+                                  checkpoint_names(improved, epoch + 1, t.save_every, new.finished), samples,
+                                  self.spec.mean, self.spec.std, t.threshold, new.finished)
+            tqdm.write(history.summary_line(row, t.epochs, improved))
+            if new.stopped_early:
+                tqdm.write(f"early stopping: no val Dice improvement for {new.bad_epochs} epochs "
+                           f"(best {new.best_score:.4f})")
+        if a.log_with:
+            a.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        state.save_last(self.run_dir, a, self.model, self.optimizer, self.scheduler, new)
+        return new
 
 
 def run_training(cfg: Config, argv: list[str] | None = None) -> int:
     """Train as configured; returns 0, or ``state.PREEMPTED_EXIT_CODE`` after a preemption save."""
-    t = cfg.train
-    run_dir = Path(t.checkpoint_dir)
-    accelerator = build_accelerator(cfg, project_dir=str(run_dir))
-    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    spec = loaders.DataSpec(cfg)
-    loaders.check_shards(spec, world, cfg.data.num_workers)
-    steps = loaders.steps_per_epoch(spec.n_train, t.batch_size, world, t.grad_accum, t.max_steps_per_epoch)
-    micro = steps * t.grad_accum
-    last_size = loaders.last_batch_size(spec.n_train, t.batch_size, world, t.grad_accum, steps)
-    epoch_images = ((micro - 1) * t.batch_size + last_size) * world
-    last = state.find_last(run_dir) if t.resume else None
-    # The first epoch's loaders start now: their workers import albumentations, decode and
-    # augment while this process builds the model (they use no global RNG: seeded generators).
-    before = state.read_progress(last) if last is not None else state.Progress()
-    done = before.finished and (before.epoch >= t.epochs or before.stopped_early)
-    started = None if done or before.epoch >= t.epochs else _start_loaders(cfg, spec, before.epoch, rank, world)
-    model, optimizer, loss_fn = build_training(cfg, accelerator)
-    scheduler = build_scheduler(cfg, optimizer.optimizer)
-
-    progress = state.Progress()
-    if last is not None:
-        _check_resumable(run_dir, cfg)
-        progress = state.load_last(last, accelerator, model, optimizer, scheduler)
-        if progress.finished and (progress.epoch >= t.epochs or progress.stopped_early):
-            _log(accelerator, f"{run_dir} has finished ({progress.epoch} epochs{', stopped early' if progress.stopped_early else ''}); "
-                              f"nothing to do. Pass --no_resume to train again from scratch, or raise --epochs.")
-            return 0
-        progress = replace(progress, finished=False, preempted=False)
-        _log(accelerator, f"resuming {last} at epoch {progress.epoch + 1}, step {progress.step}/{micro}")
-
-    precision = resolve_mixed_precision(t.mixed_precision)
-    provenance = collect_provenance(spec.data_dir, world, t.seed, precision, argv)
-    rows: list[dict] = []
-    if main:
-        state.clean_run_dir(run_dir)
-        if not t.resume:  # starting over: an old last/ must not be resumed by a later rerun
-            state.remove_last(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-        atomic_write_json(run_dir / PROVENANCE_FILE, provenance)
-        rows = history.read_history(run_dir, before_epoch=progress.epoch) if last is not None else []
-        tqdm.write(f"seg train: {describe(accelerator)}\n{config_to_yaml(cfg)}"
-                   f"{spec.n_train} training / {spec.n_val} validation images, {steps} steps of "
-                   f"{t.batch_size}x{world}x{t.grad_accum} images per epoch"
-                   f"{f' (last batch {last_size}x{world})' if last_size < t.batch_size else ''}")
-    if accelerator.log_with:
-        accelerator.init_trackers(run_dir.name, config={f"{s}.{k}": v for s, sec in config_to_dict(cfg).items()
-                                                        for k, v in sec.items()})
-    ckpt_args = dict(preprocess=spec.preprocess, threshold=t.threshold, config=config_to_dict(cfg),
-                     provenance=provenance)
-    flag = state.PreemptionFlag().install()
-    try:
-        for epoch in range(progress.epoch, t.epochs):
-            running = _Epoch(accelerator.device, progress)
-            model.train()
-            loader, val_batches = started if started is not None else _start_loaders(cfg, spec, epoch, rank, world)
-            started = None
-            for _ in range(progress.step):  # resume mid-epoch: regenerate and skip what was done
-                next(loader)
-            bar = tqdm(total=micro, initial=progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
-                       unit="batch", disable=not main, leave=False, dynamic_ncols=True)
-            for i in range(progress.step, micro):
-                waited = time.perf_counter()
-                images, masks, _ = next(loader)
-                if i == micro - 1 and last_size < len(images):  # the remainder of the training set
-                    images, masks = images[:last_size], masks[:last_size]
-                running.data_seconds += time.perf_counter() - waited
-                images = to_device(images, accelerator.device, t.channels_last)
-                masks = to_device(masks, accelerator.device, t.channels_last)
-                running.loss_sum += train_step(accelerator, model, optimizer, loss_fn, images, masks, t.grad_clip)
-                running.count += 1
-                bar.update(1)
-                if main and (i + 1) % LOG_EVERY == 0:
-                    elapsed = time.perf_counter() - running.start
-                    bar.set_postfix(loss=f"{float(running.loss_sum) / running.count:.4f}",
-                                    img_s=f"{running.count * t.batch_size * world / max(elapsed, 1e-9):.2f}")
-                if (i + 1) % t.grad_accum == 0 and i + 1 < micro and flag.agreed(accelerator):
-                    bar.close()
-                    saved = replace(running.saved(accelerator, progress, i + 1), epoch=epoch, preempted=True)
-                    state.save_last(run_dir, accelerator, model, optimizer, scheduler, saved)
-                    _log(accelerator, f"preempted (signal {flag.signum}) at epoch {epoch + 1} step {i + 1}/{micro}: "
-                                      f"state saved in {run_dir / state.LAST}; exiting with {state.PREEMPTED_EXIT_CODE}")
-                    return state.PREEMPTED_EXIT_CODE
-            bar.close()
-            del loader
-            train_seconds = time.perf_counter() - running.start
-            train_loss = running.mean_loss_all_ranks(accelerator)
-            progress = _end_epoch(cfg, accelerator, model, loss_fn, val_batches, spec, scheduler, optimizer, epoch,
-                                  progress, train_loss, train_seconds, epoch_images, rows, running,
-                                  ckpt_args)
-            del val_batches
-            if flag.agreed(accelerator) and not progress.finished:
-                if accelerator.is_main_process:
-                    state.mark_preempted(run_dir, progress)
-                _log(accelerator, f"preempted (signal {flag.signum}) after epoch {epoch + 1}: state saved; "
-                                  f"exiting with {state.PREEMPTED_EXIT_CODE}")
-                return state.PREEMPTED_EXIT_CODE
-            if progress.finished:
-                break
-    finally:
-        flag.restore()
-        if accelerator.log_with:
-            accelerator.end_training()
-    return 0
-
-
-def _start_loaders(cfg: Config, spec, epoch: int, rank: int, world: int):
-    """(train, validation) batch iterators of one epoch, their workers started now.
-
-    The validation workers read and transform their first batches during the training steps
-    (validation data does not depend on the model) and wait, so validation starts at once.
-    """
-    return (iter(loaders.train_loader(cfg, spec, epoch, rank, world)),
-            iter(loaders.val_loader(cfg, spec, rank, world)))
-
-
-def _end_epoch(cfg, accelerator, model, loss_fn, val_batches, spec, scheduler, optimizer, epoch, progress,
-               train_loss, train_seconds, images, rows, running, ckpt_args) -> state.Progress:
-    """Validate (``val_batches``: this rank's share), schedule, checkpoint, plot, log, then save
-    ``last/`` (all ranks)."""
-    t = cfg.train
-    run_dir = Path(t.checkpoint_dir)
-    report, val_loss, samples = validate(model, val_batches, loss_fn, accelerator, t.threshold, t.channels_last,
-                                         expected=spec.n_val, keep_samples=PLOT_SAMPLES)
-    dice = report["global"]["dice"]
-    lr = optimizer.param_groups[0]["lr"]
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(dice)
-    elif scheduler is not None:
-        scheduler.step()
-    improved = dice > progress.best_score
-    best_score = dice if improved else progress.best_score
-    bad = 0 if improved else progress.bad_epochs + 1
-    stopped_early = t.early_stopping > 0 and bad >= t.early_stopping
-    finished = stopped_early or epoch + 1 >= t.epochs
-    seconds = time.perf_counter() - running.start
-    row = history.epoch_row(epoch + 1, train_loss, val_loss, report, lr, seconds, images, train_seconds,
-                            running.data_seconds)
-    plotting = None
-    if accelerator.is_main_process:
-        if finished:  # rendered while the checkpoints are written
-            plotting = plots.plot_all_in_background([*rows, row], samples, spec.mean, spec.std, t.threshold, run_dir)
-        metrics = {**{m: report["global"][m] for m in report["global"]}, "val_loss": val_loss}
-        ckpt = _serialize(model_checkpoint(accelerator.unwrap_model(model), epoch=epoch + 1, metrics=metrics, **ckpt_args))
-        names = (["best_model.pth"] if improved else []) + (
-            [f"checkpoint_epoch_{epoch + 1}.pth"] if t.save_every and (epoch + 1) % t.save_every == 0 else []) + (
-            ["final_model.pth"] if finished else [])
-        _write_checkpoint_files(run_dir, names, ckpt)
-        rows.append(row)
-        history.write_history(run_dir, rows)
-        tqdm.write(history.summary_line(row, t.epochs, improved))
-        if stopped_early:
-            tqdm.write(f"early stopping: no val Dice improvement for {bad} epochs (best {best_score:.4f})")
-    if accelerator.log_with:
-        accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-    new = state.Progress(epoch=epoch + 1, step=0, best_score=best_score,
-                         best_epoch=epoch + 1 if improved else progress.best_epoch, bad_epochs=bad,
-                         finished=finished, stopped_early=stopped_early)
-    state.save_last(run_dir, accelerator, model, optimizer, scheduler, new)
-    if plotting is not None:
-        plotting.join()
-    return new
-
-
-def _write_checkpoint_files(run_dir: Path, names: list[str], ckpt: bytes) -> None:
-    """Write the same checkpoint bytes under several names: the first file is written (and
-    fsynced) once, the others are hard links to it, each put in place by an atomic rename.
-
-    A later atomic replace of one name (the next best model) leaves the others untouched.
-    Where hard links are not supported the bytes are written again.
-    """
-    if not names:
-        return
-    first = run_dir / names[0]
-    atomic_write_bytes(first, ckpt)
-    for name in names[1:]:
-        tmp = temporary_name(run_dir / name)
-        try:
-            os.link(first, tmp)
-            os.replace(tmp, run_dir / name)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            atomic_write_bytes(run_dir / name, ckpt)
-
-
-def _serialize(ckpt: dict) -> bytes:
-    """A model checkpoint as bytes, serialised once for every file it is written to."""
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    return buffer.getvalue()
+    return Trainer(cfg, argv).train()

@@ -55,9 +55,21 @@ class Progress:
     loss_count: int = 0
     seconds: float = 0.0  # time already spent in the epoch
     data_seconds: float = 0.0  # of which waiting for batches (rank 0)
+    skipped: int = 0  # bad samples skipped in the epoch so far (data.skip_bad_samples), all ranks
     finished: bool = False  # the last epoch ran, or early stopping ended the run
     stopped_early: bool = False
     preempted: bool = False
+
+
+def after_epoch(progress: Progress, epoch: int, dice: float, epochs: int, early_stopping: int) -> Progress:
+    """Where the run stands after ``epoch`` (0-based) scored validation Dice ``dice``: the best
+    score and epoch, the early-stopping counter, whether the run has finished."""
+    improved = dice > progress.best_score
+    bad = 0 if improved else progress.bad_epochs + 1
+    stopped_early = early_stopping > 0 and bad >= early_stopping
+    return Progress(epoch=epoch + 1, step=0, best_score=dice if improved else progress.best_score,
+                    best_epoch=epoch + 1 if improved else progress.best_epoch, bad_epochs=bad,
+                    finished=stopped_early or epoch + 1 >= epochs, stopped_early=stopped_early)
 
 
 class PreemptionFlag:

@@ -24,14 +24,16 @@ from seg.training.accel import to_device
 
 @torch.no_grad()
 def score_batches(model, loader, loss_fn, accelerator, threshold: float, channels_last: bool,
-                  keep_samples: int = 0) -> tuple[list[tuple[str, list[int], float]], list[dict]]:
-    """This rank's per-image records ``(key, [tp, fp, fn, tn], loss)`` and up to ``keep_samples`` samples.
+                  keep_samples: int = 0) -> tuple[list[tuple[str, list[int], float]], list[dict], int]:
+    """This rank's per-image records ``(key, [tp, fp, fn, tn], loss)``, up to ``keep_samples``
+    samples, and the number of bad samples skipped (``data.skip_bad_samples``).
 
     Shape:
-        the loader yields ``(float32 (B, C, H, W), float32 (B, 1, H, W), keys)``.
+        the loader yields ``(float32 (B, C, H, W), float32 (B, 1, H, W), keys, skipped (B,))``.
     """
-    records, samples = [], []
-    for images, masks, keys in loader:
+    records, samples, skipped_total = [], [], 0
+    for images, masks, keys, skipped in loader:
+        skipped_total += int(skipped.sum())
         images = to_device(images, accelerator.device, channels_last)
         masks = masks.to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
@@ -44,7 +46,7 @@ def score_batches(model, loader, loss_fn, accelerator, threshold: float, channel
         for i in range(min(len(keys), keep_samples - len(samples))):
             samples.append({"key": str(keys[i]), "image": images[i].float().cpu().numpy(),
                             "mask": masks[i, 0].cpu().numpy(), "prob": prob[i, 0].cpu().numpy()})
-    return records, samples
+    return records, samples, skipped_total
 
 
 def merge_records(all_records: list[tuple[str, list[int], float]], threshold: float) -> tuple[dict, float]:
@@ -66,11 +68,12 @@ def validate(model, loader, loss_fn, accelerator, threshold: float, channels_las
     Args:
         model: the (possibly DDP-wrapped) model; it is unwrapped and put in eval mode here.
         loader: this rank's share (``val_loader``).
-        expected: the validation set size (dataset.json); a mismatch is an error, as it would
-            mean a sample was lost or scored twice.
+        expected: the validation set size (dataset.json); scored + skipped images must equal it,
+            else a sample was lost or scored twice.
         keep_samples: samples returned for the plot (rank 0's).
     Returns:
-        ``(report, val_loss, samples)``: report as ``MetricAccumulator.summary()``.
+        ``(report, val_loss, samples)``: report as ``MetricAccumulator.summary()`` plus
+        ``skipped`` (bad validation samples skipped, all ranks).
     """
     from accelerate.utils import gather_object
 
@@ -78,15 +81,17 @@ def validate(model, loader, loss_fn, accelerator, threshold: float, channels_las
     was_training = inner.training
     inner.eval()
     try:
-        records, samples = score_batches(inner, loader, loss_fn, accelerator, threshold, channels_last,
-                                         keep_samples if accelerator.is_main_process else 0)
+        records, samples, skipped = score_batches(inner, loader, loss_fn, accelerator, threshold, channels_last,
+                                                  keep_samples if accelerator.is_main_process else 0)
     finally:
         inner.train(was_training)
-    gathered = gather_object(records) if accelerator.num_processes > 1 else records
-    report, val_loss = merge_records(gathered, threshold)
-    if expected is not None and report["n_images"] != expected:
-        raise RuntimeError(f"validation scored {report['n_images']} unique images but dataset.json lists {expected} "
-                           f"(duplicate sample keys in the val shards, or shards changed since `seg prepare`)")
+    per_rank = gather_object([(records, skipped)]) if accelerator.num_processes > 1 else [(records, skipped)]
+    report, val_loss = merge_records([r for recs, _ in per_rank for r in recs], threshold)
+    report["skipped"] = sum(n for _, n in per_rank)
+    if expected is not None and report["n_images"] + report["skipped"] != expected:
+        raise RuntimeError(f"validation scored {report['n_images']} unique images (+{report['skipped']} skipped) but "
+                           f"dataset.json lists {expected} (duplicate sample keys in the val shards, or shards changed "
+                           "since `seg prepare`)")
     return report, val_loss, samples
 
 
