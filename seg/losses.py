@@ -1,4 +1,4 @@
-"""Losses for binary segmentation on logits: 'bce', 'dice', 'combined' (the seed's names).
+"""Losses for binary segmentation on logits: 'bce', 'dice', 'combined' (the original scripts' names).
 
 Soft Dice is computed over the whole batch (sums pooled over images, as nnU-Net's batch Dice
 for 2D): a per-image Dice drives the loss of every image with an empty mask to 1 for any

@@ -8,7 +8,7 @@ averages.
 Derived metrics: dice, iou, precision, recall, f1, specificity, pixel_accuracy, both pooled
 over all pixels (``global``, micro) and per image (``mean``/``std``, population std).
 
-Empty policy (DESIGN.md): a ratio whose denominator is zero (Dice of two empty masks,
+Empty policy (docs/FORMATS.md): a ratio whose denominator is zero (Dice of two empty masks,
 precision of an empty prediction, specificity of an all-foreground truth, ...) is 1.0 when
 that image's prediction equals its truth (FP = FN = 0), else 0.0; the same rule holds for
 ``global`` over the pooled counts.
@@ -72,7 +72,7 @@ def metrics_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
         "iou": _ratio(tp, tp + fp + fn, exact),
         "precision": _ratio(tp, tp + fp, exact),
         "recall": _ratio(tp, tp + fn, exact),
-        "f1": dice.copy(),  # F1 of pixels is Dice; kept under both names as the seed reports both
+        "f1": dice.copy(),  # F1 of pixels is Dice; kept under both names as the original scripts report both
         "specificity": _ratio(tn, tn + fp, exact),
         "pixel_accuracy": _ratio(tp + tn, tp + fp + fn + tn, exact),
     }
@@ -89,9 +89,6 @@ class MetricAccumulator:
         self.threshold = threshold
         self.counts: dict[str, np.ndarray] = {}
 
-    def reset(self) -> None:
-        self.counts.clear()
-
     def update(self, keys: Iterable[str], counts: np.ndarray) -> None:
         counts = np.asarray(counts, dtype=np.int64).reshape(-1, 4)
         keys = list(keys)
@@ -100,26 +97,17 @@ class MetricAccumulator:
         for key, row in zip(keys, counts):
             self.counts[str(key)] = row.copy()
 
-    def update_from_prob(self, keys: Iterable[str], prob, target) -> np.ndarray:
-        counts = confusion_counts(prob, target, self.threshold)
-        self.update(keys, counts)
-        return counts
-
     def state(self) -> tuple[list[str], np.ndarray]:
         """(keys, counts) as plain lists/arrays, for gathering across ranks."""
         keys = sorted(self.counts)
         arr = np.stack([self.counts[k] for k in keys]) if keys else np.zeros((0, 4), np.int64)
         return keys, arr
 
-    def merge(self, keys: Iterable[str], counts: np.ndarray) -> None:
-        """Add another rank's state; duplicate keys are dropped (their counts are identical)."""
-        self.update(keys, counts)
-
     def __len__(self) -> int:
         return len(self.counts)
 
     def summary(self, per_image: bool = False) -> dict:
-        """The evaluation_report.json structure (DESIGN.md); per_image adds the per-image list."""
+        """The evaluation_report.json structure (docs/FORMATS.md); per_image adds the per-image list."""
         keys, counts = self.state()
         per = metrics_from_counts(counts)
         pooled = metrics_from_counts(counts.sum(0, keepdims=True)) if len(keys) else metrics_from_counts(np.zeros((1, 4)))

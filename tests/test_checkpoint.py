@@ -19,7 +19,7 @@ def test_round_trip_with_weights_only(tmp_path):
     path = tmp_path / "best_model.pth"
     save_checkpoint(model_checkpoint(model, PREPROCESS, threshold=0.4, config={"train": {"lr": 0.1}},
                                      epoch=3, metrics={"dice": 0.9}), path)
-    raw = torch.load(path, weights_only=True)  # what DESIGN.md promises users
+    raw = torch.load(path, weights_only=True)  # what docs/FORMATS.md promises users
     assert raw["format"] == "seg-model" and raw["epoch"] == 3 and raw["preprocess"] == PREPROCESS
     loaded, ckpt = load_model(path)
     assert not loaded.training and ckpt["threshold"] == 0.4 and ckpt["metrics"] == {"dice": 0.9}

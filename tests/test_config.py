@@ -1,4 +1,4 @@
-"""Config: presets load, precedence, unknown keys, bad values, seed flags, YAML round trip, safe_load."""
+"""Config: presets load, precedence, unknown keys, bad values, the original scripts' flags, YAML round trip, safe_load."""
 
 import argparse
 from pathlib import Path
@@ -93,7 +93,7 @@ def test_seed_flags_map_onto_fields():
     assert (cfg.data.data_dir, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.loss) == \
         ("shards", 3, 4, 1e-4, "dice")
     assert (cfg.data.image_size, cfg.train.checkpoint_dir, cfg.train.save_every) == (128, "runs/x", 2)
-    assert cfg.model.bilinear is True and cfg.train.scheduler == "plateau"  # bare --scheduler, as in the seed
+    assert cfg.model.bilinear is True and cfg.train.scheduler == "plateau"  # bare --scheduler, as in the original scripts
     assert _parse(["--scheduler", "cosine"]).train.scheduler == "cosine"
     plain = _parse([])
     assert plain.model.bilinear is False and plain.train.scheduler == "plateau"  # sound default for real data

@@ -13,7 +13,7 @@ import pytest
 from seg.cli import main as seg_main
 from seg.evaluate import main
 
-DESIGN_KEYS = ["n_images", "threshold", "global", "mean", "std", "empty_policy", "per_image"]
+REPORT_KEYS = ["n_images", "threshold", "global", "mean", "std", "empty_policy", "per_image"]
 METRICS = ["dice", "iou", "precision", "recall", "f1", "specificity", "pixel_accuracy"]
 PLOTS = ["confusion_matrix.png", "metrics_distribution.png", "metrics_summary.png",
          "sample_predictions.png", "worst_cases.png"]
@@ -56,7 +56,7 @@ def test_hand_computed_metrics_and_empty_policy(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "4 images" in printed and "evaluation_report.json" in printed and "worst_cases.png" in printed
     report = json.loads((out / "evaluation_report.json").read_text())
-    assert list(report) == DESIGN_KEYS                      # exactly the DESIGN.md keys, no best_threshold
+    assert list(report) == REPORT_KEYS                      # exactly the docs/FORMATS.md keys, no best_threshold
     assert list(report["global"]) == METRICS + ["tp", "fp", "fn", "tn"]
     assert list(report["mean"]) == METRICS and list(report["std"]) == METRICS
     assert report["n_images"] == 4 and report["threshold"] is None

@@ -67,16 +67,14 @@ def test_global_empty_policy_on_pooled_counts():
 
 def test_keyed_accumulation_drops_duplicates():
     rank0, rank1 = MetricAccumulator(), MetricAccumulator()
-    rank0.update_from_prob(["a", "b"], torch.tensor([[[[0.9]]], [[[0.1]]]]), torch.tensor([[[[1.0]]], [[[1.0]]]]))
-    rank1.update_from_prob(["b", "c"], torch.tensor([[[[0.1]]], [[[0.8]]]]), torch.tensor([[[[1.0]]], [[[0.0]]]]))
+    rank0.update(["a", "b"], confusion_counts(torch.tensor([[[[0.9]]], [[[0.1]]]]), torch.tensor([[[[1.0]]], [[[1.0]]]])))
+    rank1.update(["b", "c"], confusion_counts(torch.tensor([[[[0.1]]], [[[0.8]]]]), torch.tensor([[[[1.0]]], [[[0.0]]]])))
     rank0.update(["a"], np.array([[1, 0, 0, 0]]))  # the same image scored twice counts once
-    keys, counts = rank1.state()
-    rank0.merge(keys, counts)
+    keys, counts = rank1.state()  # what a rank sends
+    rank0.update(keys, counts)
     report = rank0.summary()
     assert report["n_images"] == 3 and len(rank0) == 3
     assert [report["global"][k] for k in COUNT_NAMES] == [1, 1, 1, 0]
-    rank0.reset()
-    assert rank0.summary()["n_images"] == 0
 
 
 def test_update_checks_lengths():

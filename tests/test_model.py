@@ -1,4 +1,4 @@
-"""U-Net: the seed's parameter counts, any input size, forward + backward, 1 or 3 channels."""
+"""U-Net: Pytorch-UNet's parameter counts, any input size, forward + backward, 1 or 3 channels."""
 
 import pytest
 import torch

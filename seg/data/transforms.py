@@ -10,7 +10,7 @@ Design choices:
 - Masks go through albumentations as ``uint8`` {0, 1}; every geometric step uses nearest
   neighbour for masks (``mask_interpolation=cv2.INTER_NEAREST``) and fills borders with 0
   (``fill_mask=0``), so a mask stays exactly binary and aligned with its image.
-- ``sampling="resize"`` (the seed's way): the whole image is resized to ``image_size`` square,
+- ``sampling="resize"`` (the original scripts' way): the whole image is resized to ``image_size`` square,
   image with ``cv2.INTER_LINEAR`` on the raw pixels after the channel conversion (``cv2``
   RGB2GRAY), mask nearest, before scaling: exactly what ``seg.inference``'s ``Preprocessor``
   does at prediction, so validation and prediction see the same numbers (INTER_AREA would

@@ -2,7 +2,7 @@
 
 Design choices:
 
-- The JSON has exactly the DESIGN.md keys, in that order: ``n_images``, ``threshold``,
+- The JSON has exactly the keys of docs/FORMATS.md, in that order: ``n_images``, ``threshold``,
   ``global``, ``mean``, ``std``, ``empty_policy``, ``per_image`` -- built by
   ``seg.metrics.MetricAccumulator.summary`` (the one implementation of the metrics and the
   empty policy). Model mode adds one key, ``best_threshold: {"threshold", "dice"}``: the sweep
@@ -27,7 +27,7 @@ REPORT_KEYS = ("n_images", "threshold", "global", "mean", "std", "empty_policy",
 
 
 def build_report(summary: dict, sweep: dict | None) -> dict:
-    """The JSON document: the DESIGN.md keys in order, plus ``best_threshold`` when a sweep ran."""
+    """The JSON document: the docs/FORMATS.md keys in order, plus ``best_threshold`` when a sweep ran."""
     missing = [k for k in REPORT_KEYS if k not in summary]
     assert not missing, f"summary lacks {missing}"
     report = {k: summary[k] for k in REPORT_KEYS}

@@ -1,5 +1,5 @@
 """Single-image prediction (``--image_path``): outputs, and with ``--mask_path`` a visualization
-and metrics, as the seed's predict.py does.
+and metrics, as the original Pytorch-UNet predict.py does.
 
 Design choices: the single-image path uses the in-memory ``Predictor`` directly (no manifest,
 no workers): it is for looking at one image. The visualization is one row of five panels

@@ -1,9 +1,9 @@
-"""The seed's U-Net (Ronneberger et al. 2015, as in the widely used Pytorch-UNet).
+"""The U-Net of Ronneberger et al. 2015, as in the widely used Pytorch-UNet.
 
 DoubleConv (conv3x3-BN-ReLU x2), 4 max-pool downsamplings to a 1024-channel bottleneck (at
 base width 64), transposed-convolution upsampling with concatenated skips, a 1x1 convolution
 to one channel of logits. 31.0M parameters at width 64; ``bilinear=True`` upsamples
-bilinearly and halves the bottleneck (17.3M), as the seed does.
+bilinearly and halves the bottleneck (17.3M), as Pytorch-UNet does.
 
 Any input size works: sides that are not multiples of 16 are zero-padded inside ``forward``
 (split evenly between both sides) and the logits are cropped back, so the output always has
@@ -67,7 +67,7 @@ class UNet(nn.Module):
 
     Args:
         in_channels: 1 (grey) or 3 (RGB) input channels.
-        base_channels: width of the first level; 64 is the seed's 31.0M model.
+        base_channels: width of the first level; 64 is Pytorch-UNet's 31.0M model.
         bilinear: bilinear upsampling instead of transposed convolutions.
     """
 
