@@ -46,9 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_intermixed_args(argv)  # dotted overrides may come between flags
+def parse_train_args(argv: list[str]) -> argparse.Namespace:
+    """`seg train`'s arguments as `seg train` reads them (``launch/submit.py train`` calls this too).
+
+    Dotted overrides may come between flags (``--config X train.lr=1e-3 --seed 2``); the
+    flags that stand for a config key become dotted overrides placed first, so explicit dotted
+    overrides still win. Pass the result to ``config_from_args``.
+
+    Args:
+        argv: the arguments after ``seg train``.
+
+    Raises:
+        SystemExit: argparse's usage error (exit 2).
+    """
+    args = build_parser().parse_intermixed_args(argv)
     extra = []
     if args.no_resume:
         extra.append("train.resume=false")
@@ -56,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         extra.append(f"train.log_with={args.log_with}")
     if args.deterministic:
         extra.append("train.deterministic=true")
-    args.overrides = extra + list(args.overrides)  # explicit dotted overrides still win
+    args.overrides = extra + list(args.overrides)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_train_args(argv)
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:

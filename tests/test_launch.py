@@ -149,10 +149,10 @@ def test_submit_py_validates_before_submitting(tmp_path):
     submit = [sys.executable, str(ROOT / "launch" / "submit.py")]
     out = subprocess.run([*submit, "train", "--log_dir", str(tmp_path / "%j"), "--config",
                           str(ROOT / "configs" / "cpu-smoke.yaml"), "train.epochs=0"], capture_output=True, text=True)
-    assert out.returncode == 1 and "train.epochs=0 is not valid" in out.stderr
+    assert out.returncode == 2 and "train.epochs=0 is not valid" in out.stderr
     assert not list(tmp_path.iterdir()), "nothing may be submitted for an invalid config"
     out = subprocess.run([*submit, "predict", "--parts", "2", "--model_path", "m.pth"], capture_output=True, text=True)
-    assert out.returncode == 1 and "--output_dir is required" in out.stderr
+    assert out.returncode == 2 and "--output_dir is required" in out.stderr
     out = subprocess.run([*submit, "fly"], capture_output=True, text=True)
     assert out.returncode == 2 and "launch/submit.py train" in out.stdout
 
