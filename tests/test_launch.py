@@ -21,8 +21,8 @@ from slurm_fixtures import RUN_FILES, history_epochs, smoke_shards, smoke_train_
 from seg.doctor.slurm import check_sbatch, parse_sbatch_options
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["slurm/train.sbatch", "slurm/predict.sbatch", "slurm/summarize.sbatch", "launch/torchrun.sh",
-           "tools/slurm_cluster.sh"]
+SCRIPTS = ["slurm/train.sbatch", "slurm/predict.sbatch", "slurm/summarize.sbatch", "slurm/common.sh",
+           "launch/torchrun.sh", "tools/slurm_cluster.sh"]
 
 
 def _env() -> dict:
