@@ -37,13 +37,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from seg.checkpoint import model_checkpoint
 from seg.config import Config, config_to_dict, config_to_yaml
 from seg.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, temporary_name
 from seg.losses import build_loss
 from seg.model import build_model
+from seg.progress import progress_bar, write_line
 from seg.training import data, history, plots, state
 from seg.training.accel import build_accelerator, describe, prepare_model, resolve_mixed_precision, to_device
 from seg.training.provenance import PROVENANCE_FILE, collect_provenance
@@ -108,7 +108,7 @@ def build_training(cfg: Config, accelerator):
 
 def _log(accelerator, text: str) -> None:
     if accelerator.is_main_process:
-        tqdm.write(text)
+        write_line(text)
 
 
 def _check_resumable(run_dir: Path, cfg: Config) -> None:
@@ -189,7 +189,7 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
         atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
         atomic_write_json(run_dir / PROVENANCE_FILE, provenance)
         rows = history.read_history(run_dir, before_epoch=progress.epoch) if last is not None else []
-        tqdm.write(f"seg train: {describe(accelerator)}\n{config_to_yaml(cfg)}"
+        write_line(f"seg train: {describe(accelerator)}\n{config_to_yaml(cfg)}"
                    f"{spec.n_train} training / {spec.n_val} validation images, {steps} steps of "
                    f"{t.batch_size}x{world}x{t.grad_accum} images per epoch"
                    f"{f' (last batch {last_size}x{world})' if last_size < t.batch_size else ''}")
@@ -207,8 +207,8 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
             loaders = None
             for _ in range(progress.step):  # resume mid-epoch: regenerate and skip what was done
                 next(loader)
-            bar = tqdm(total=micro, initial=progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
-                       unit="batch", disable=not main, leave=False, dynamic_ncols=True)
+            bar = progress_bar(total=micro, initial=progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
+                               unit="batch", disable=not main, leave=False, dynamic_ncols=True)
             for i in range(progress.step, micro):
                 waited = time.perf_counter()
                 images, masks, _ = next(loader)
@@ -298,9 +298,9 @@ def _end_epoch(cfg, accelerator, model, loss_fn, val_batches, spec, scheduler, o
         _write_checkpoint_files(run_dir, names, ckpt)
         rows.append(row)
         history.write_history(run_dir, rows)
-        tqdm.write(history.summary_line(row, t.epochs, improved))
+        write_line(history.summary_line(row, t.epochs, improved))
         if stopped_early:
-            tqdm.write(f"early stopping: no val Dice improvement for {bad} epochs (best {best_score:.4f})")
+            write_line(f"early stopping: no val Dice improvement for {bad} epochs (best {best_score:.4f})")
     if accelerator.log_with:
         accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
     new = state.Progress(epoch=epoch + 1, step=0, best_score=best_score,
