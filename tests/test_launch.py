@@ -158,17 +158,17 @@ def test_submit_py_validates_before_submitting(tmp_path):
 
 
 def test_hpc_doc_commands_refer_to_existing_files_and_flags():
-    """The README's commands: every script it names exists, every `seg doctor`
-    and `launch/submit.py` flag it uses is accepted."""
+    """The commands of README.md and docs/HPC.md: every script they name exists, every `seg doctor`
+    and `launch/submit.py` flag they use is accepted."""
     import re
     import shlex
 
     from seg.doctor import build_parser
 
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join((ROOT / doc).read_text() for doc in ("README.md", "docs/HPC.md"))
     for path in set(re.findall(r"\b((?:slurm|launch|tools|configs)/[\w./-]+\.(?:sbatch|sh|py|yaml))", text)):
         if "<" not in path:
-            assert (ROOT / path).is_file(), f"README.md names {path}, which does not exist"
+            assert (ROOT / path).is_file(), f"README.md or docs/HPC.md names {path}, which does not exist"
     commands = re.findall(r"^(seg doctor .*?|python launch/submit.py .*?)(?<!\\)$", text.replace("\\\n", " "),
                           flags=re.MULTILINE)
     assert commands
