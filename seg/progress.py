@@ -129,8 +129,8 @@ class LineProgress:
             return
         self.n += n
         now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._emit(now, final=False)
+        if now - self._last >= self.interval and not (self.total and self.n >= self.total):
+            self._emit(now, final=False)  # the count complete: the final line follows at close()
 
     def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
         """``key=value`` pairs after the count, formatted as tqdm does (numbers to 3 digits)."""
