@@ -118,6 +118,10 @@ def test_resumed_count_and_time_left():
     bar._start -= 10  # 10 s ago: 10 batches in 10 s
     bar.update(10)
     assert "50/100 batch (50%), 00:10 elapsed, 00:50 left, 1 batch/s" in buf.getvalue()
+    bar.update(50)  # complete: no interval line, the final line comes from close()
+    assert "100/100" not in buf.getvalue()
+    bar.close()
+    assert len(buf.getvalue().splitlines()) == 2 and "100/100 batch (100%)" in buf.getvalue().splitlines()[-1]
 
 
 def test_interval_env_is_checked(monkeypatch):
