@@ -25,7 +25,16 @@ Design choices (after dinov2's ``run/submit.py``):
   the step) so that only the trainer's own signals (USR1/TERM) stop it. The signal handler only
   sets a flag: waiting happens in the normal loop, never inside the handler.
 - Prediction uses ``map_array``: part k of N runs ``seg predict ... --part k --num_parts N``,
-  so a rerun of the same parts skips finished units. ``--summarize`` adds an afterok step.
+  so a rerun of the same parts skips finished units. ``--summarize`` adds an afterok step
+  (one task, one CPU, no GPU) through submitit's ``slurm_dependency``.
+- Every Slurm setting goes through submitit's named parameters (``slurm_account``,
+  ``slurm_qos``, ``slurm_dependency``, ...), never ``slurm_additional_parameters``, so one
+  setting cannot replace another; the generated sbatch text of each submission kind is kept
+  as golden files (tests/golden/submitit/).
+- The train arguments are parsed by ``seg.train.parse_train_args`` itself, so the launcher
+  accepts and refuses exactly what ``seg train`` does. Time limits are read by
+  ``seg.slurm_time`` (every Slurm form), exit codes come from ``seg.exitcodes``. ``seg`` must
+  be importable on the compute node anyway (the tasks run ``python -m seg.train``).
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ from pathlib import Path
 import cloudpickle
 import submitit
 
-PREEMPTED_EXIT_CODE = 75  # seg.training.state.PREEMPTED_EXIT_CODE (kept here: no torch import)
+from seg.exitcodes import FAILED_INPUTS, OK, PREEMPTED, USAGE
+from seg.slurm_time import FORMS, slurm_minutes
 
 # Pickle this module's classes by value, so that jobs unpickle them even when this file was
 # imported under another name (tests) and launch/ is not importable on the compute node.
@@ -103,9 +113,9 @@ class TrainTask:
                                        preexec_fn=_ignore_usr2)
         while (rc := self._child.poll()) is None:
             time.sleep(0.5)
-        if rc == 0:
-            return {"rank": job_env.global_rank, "exit_code": 0, "restarts": int(restarts)}
-        if rc == PREEMPTED_EXIT_CODE or self._signalled:
+        if rc == OK:
+            return {"rank": job_env.global_rank, "exit_code": OK, "restarts": int(restarts)}
+        if rc == PREEMPTED or self._signalled:
             print(f"[submit] trainer saved last/ and exited {rc}: requeueing (rank 0 requeues the job)", flush=True)
             if callable(submitit_handler):
                 submitit_handler(signal.SIGUSR2, None)  # rank 0: checkpoint() + requeue + exit
@@ -134,7 +144,7 @@ class PredictPart:
         cmd = [self.python, "-m", "seg.predict", *self.predict_args, "--part", str(part), "--num_parts", str(self.num_parts)]
         print(f"[submit] part {part}/{self.num_parts}: {' '.join(cmd[1:])}", flush=True)
         rc = subprocess.call(cmd, preexec_fn=_ignore_usr2)
-        if rc not in (0, 3):  # 3: done, some inputs unreadable (failures.jsonl)
+        if rc not in (OK, FAILED_INPUTS):  # FAILED_INPUTS: done, some inputs unreadable (failures.jsonl)
             raise RuntimeError(f"seg predict part {part} exited with code {rc}; see this task's log")
         return rc
 
@@ -145,13 +155,14 @@ class PredictPart:
 def summarize(output_dir: str, python: str | None = None) -> int:
     """The afterok step: ``seg predict --summarize OUTPUT_DIR``; raises when it fails."""
     rc = subprocess.call([python or sys.executable, "-m", "seg.predict", "--summarize", output_dir])
-    if rc not in (0, 3):
+    if rc not in (OK, FAILED_INPUTS):
         raise RuntimeError(f"seg predict --summarize {output_dir} exited with code {rc}")
     return rc
 
 
 def slurm_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, add_help=False)
+    # allow_abbrev=False: a train/predict flag must never be taken for a prefix of a Slurm flag
+    p = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
     a = p.add_argument
     a("--nodes", type=int, default=1, help="nodes (train)")
     a("--gpus_per_node", type=int, default=0, help="GPUs per node; one process (Slurm task) per GPU")
@@ -162,7 +173,7 @@ def slurm_parser(prog: str) -> argparse.ArgumentParser:
     a("--account", default=None)
     a("--qos", default=None)
     a("--constraint", default=None)
-    a("--time", default="24:00:00", help="time limit HH:MM:SS (or minutes)")
+    a("--time", default="24:00:00", help=f"time limit: {FORMS}")
     a("--job_name", default=None)
     a("--log_dir", default="logs/submitit/%j", help="submitit folder; %%j becomes the job id")
     a("--signal_delay_s", type=int, default=120, help="seconds before the time limit to save and requeue")
@@ -174,28 +185,44 @@ def slurm_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def _minutes(text: str) -> int:
-    parts = [int(x) for x in text.split(":")]
-    if len(parts) == 1:
-        return parts[0]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    h, m, s = parts
-    return h * 60 + m + (1 if s else 0)
+def _usage_error(prog: str, message: str):
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(USAGE)
 
 
-def make_executor(opts, name: str, tasks_per_node: int, nodes: int) -> submitit.AutoExecutor:
+def make_executor(opts, name: str, tasks_per_node: int, nodes: int, gpus_per_node: int | None = None,
+                  cpus_per_task: int | None = None, **slurm) -> submitit.AutoExecutor:
+    """An executor with every Slurm flag of ``opts`` as a named submitit parameter.
+
+    Args:
+        opts: the parsed ``slurm_parser`` flags.
+        name: the job name unless ``--job_name`` is given.
+        tasks_per_node, nodes: the job's shape.
+        gpus_per_node: default ``opts.gpus_per_node``; 0 asks for none.
+        cpus_per_task: default ``--cpus_per_task``, else 8 with GPUs and 1 without.
+        slurm: further named submitit parameters (``slurm_dependency``, ``slurm_array_parallelism``).
+    """
+    gpus = opts.gpus_per_node if gpus_per_node is None else gpus_per_node
     executor = submitit.AutoExecutor(folder=opts.log_dir, cluster=opts.cluster,
                                      slurm_max_num_timeout=opts.max_requeues)
-    extra = {k: v for k, v in (("account", opts.account), ("qos", opts.qos)) if v}
     executor.update_parameters(
         name=opts.job_name or name, nodes=nodes, tasks_per_node=tasks_per_node,
-        cpus_per_task=opts.cpus_per_task or (8 if opts.gpus_per_node else 1),
-        gpus_per_node=opts.gpus_per_node or None, timeout_min=_minutes(opts.time),
-        slurm_partition=opts.partition, slurm_constraint=opts.constraint, mem_gb=opts.mem_gb,
-        slurm_signal_delay_s=opts.signal_delay_s, slurm_additional_parameters=extra or None,
+        cpus_per_task=cpus_per_task or opts.cpus_per_task or (8 if gpus else 1),
+        gpus_per_node=gpus or None, timeout_min=opts.timeout_min, mem_gb=opts.mem_gb,
+        slurm_partition=opts.partition, slurm_account=opts.account, slurm_qos=opts.qos,
+        slurm_constraint=opts.constraint, slurm_signal_delay_s=opts.signal_delay_s, **slurm,
     )
     return executor
+
+
+def parse_slurm_flags(parser: argparse.ArgumentParser, argv: list[str]):
+    """(Slurm flags, the rest) with ``--time`` checked and read into ``opts.timeout_min``."""
+    opts, rest = parser.parse_known_args(argv)
+    try:
+        opts.timeout_min = slurm_minutes(opts.time)
+    except ValueError as exc:
+        _usage_error(parser.prog, f"--time: {exc}")
+    return opts, rest
 
 
 def _report(job, what: str) -> None:
@@ -205,19 +232,19 @@ def _report(job, what: str) -> None:
 
 def submit_train(argv: list[str]):
     """Submit training; returns the submitit Job. argv = Slurm flags + ``seg train`` arguments."""
-    opts, train_args = slurm_parser("submit.py train").parse_known_args(argv)
-    from seg.config import config_from_args
-    from seg.train import build_parser
+    parser = slurm_parser("submit.py train")
+    opts, train_args = parse_slurm_flags(parser, argv)
+    from seg.train import build_parser, parse_train_args
 
     if opts.help:
-        slurm_parser("submit.py train").print_help()
+        parser.print_help()
         print("\nAll other arguments are `seg train` arguments:")
         build_parser().print_help()
-        sys.exit(0)
+        sys.exit(OK)
     try:
-        config_from_args(build_parser().parse_args(train_args))  # fail here, not in the queue
+        parse_train_args(train_args)  # as `seg train` reads them; fail here, not in the queue
     except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"submit.py train: {exc}") from None
+        _usage_error(parser.prog, str(exc))
     tasks = opts.tasks_per_node or opts.gpus_per_node or 1
     executor = make_executor(opts, "seg-train", tasks, opts.nodes)
     job = executor.submit(TrainTask(train_args))
@@ -231,23 +258,24 @@ def submit_predict(argv: list[str]):
     p.add_argument("--parts", type=int, required=True, help="array tasks the cohort is split into")
     p.add_argument("--parallel", type=int, default=None, help="array tasks running at once (%%N)")
     p.add_argument("--summarize", action="store_true", help="add an afterok step printing the cohort summary")
-    opts, predict_args = p.parse_known_args(argv)
+    opts, predict_args = parse_slurm_flags(p, argv)
     if opts.parts < 1:
-        raise SystemExit("submit.py predict: --parts must be >= 1")
+        _usage_error(p.prog, "--parts must be >= 1")
     if "--output_dir" not in predict_args:
-        raise SystemExit("submit.py predict: --output_dir is required (seg predict's output folder)")
-    executor = make_executor(opts, "seg-predict", opts.tasks_per_node or 1, 1)
-    if opts.parallel:
-        executor.update_parameters(slurm_array_parallelism=opts.parallel)
+        _usage_error(p.prog, "--output_dir is required (seg predict's output folder)")
+    array = {"slurm_array_parallelism": opts.parallel} if opts.parallel else {}
+    executor = make_executor(opts, "seg-predict", opts.tasks_per_node or 1, 1, **array)
     jobs = executor.map_array(PredictPart(predict_args, opts.parts), list(range(opts.parts)))
-    print(f"submitted prediction: array job {jobs[0].job_id.split('_')[0]} with {len(jobs)} task(s)")
+    array_id = jobs[0].job_id.split("_")[0]
+    print(f"submitted prediction: array job {array_id} with {len(jobs)} task(s)")
     print(f"  logs: {jobs[0].paths.stdout} ... {jobs[-1].paths.stdout}")
     summary = None
     if opts.summarize:
         out = predict_args[predict_args.index("--output_dir") + 1]
-        executor.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{jobs[0].job_id.split('_')[0]}"},
-                                   slurm_array_parallelism=256, tasks_per_node=1)
-        summary = executor.submit(summarize, out)
+        # merging manifest.jsonl needs one CPU and no GPU; account, qos, partition stay
+        summary_executor = make_executor(opts, "seg-summarize", 1, 1, gpus_per_node=0, cpus_per_task=1,
+                                         slurm_dependency=f"afterok:{array_id}")
+        summary = summary_executor.submit(summarize, out)
         _report(summary, "summary (afterok)")
     return jobs, summary
 
@@ -256,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("train", "predict"):
         print(__doc__.split("\n\n")[1])
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return OK if argv and argv[0] in ("-h", "--help") else USAGE
     wait = "--wait" in argv
     if argv[0] == "train":
         jobs = [submit_train(argv[1:])]
@@ -266,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if wait:
         for job in jobs:
             print(f"job {job.job_id}: {job.result()}")
-    return 0
+    return OK
 
 
 if __name__ == "__main__":

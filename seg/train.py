@@ -49,12 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_train_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
-    """(arguments, resolved config) of a `seg train` command line, as `seg train` reads it.
+    """(arguments, resolved config) of a `seg train` command line, as `seg train` reads it
+    (``launch/submit.py train`` calls this too: one parser, one behaviour).
 
-    Dotted overrides may come between flags. Raises ValueError/FileNotFoundError for an
-    invalid config (argparse itself exits 2 on an unknown flag)."""
+    Dotted overrides may come between flags (``--config X train.lr=1e-3 --seed 2``).
+
+    Raises:
+        ValueError, FileNotFoundError: an invalid config or ``--val_split`` (argparse itself
+        exits 2 on an unknown flag).
+    """
     args = build_parser().parse_intermixed_args(argv)
-    return args, config_from_args(args)
+    cfg = config_from_args(args)
+    check_val_split(cfg, args.val_split)
+    return args, cfg
 
 
 def check_val_split(cfg: Config, val_split: float | None) -> None:
@@ -74,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, cfg = parse_train_args(argv)
-        check_val_split(cfg, args.val_split)
     except (ValueError, FileNotFoundError) as exc:
         print(f"seg train: error: {exc}", file=sys.stderr)
         return exitcodes.USAGE

@@ -16,7 +16,7 @@ import pytest
 from seg.doctor import main
 from seg.preflight import Check
 from seg.preflight.checks import check_pairs, check_rendezvous, check_shards
-from seg.preflight.slurm import _minutes, check_sbatch, parse_sbatch_options
+from seg.preflight.slurm import check_sbatch, parse_sbatch_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,17 @@ def test_sbatch_signal_form_requeue_time_and_log_folder(tmp_path):
     assert ("requeue", "fail") in statuses  # the #SBATCH after the first command is ignored, as by Slurm
     assert any(c.name == "log" and c.status == "warn" and "mkdir -p nolog" in c.fix for c in checks)
     assert parse_sbatch_options("#SBATCH --nodes 2 -N 3\n")["--nodes"] == "2"
-    assert [_minutes(t) for t in ("30", "1:30", "2:00:00", "1-00:00:00", "x")] == [30, 1.5, 120, 1440, None]
+
+
+def test_sbatch_time_in_any_slurm_form_and_unreadable_time_fails(tmp_path):
+    script = tmp_path / "job.sbatch"
+    for limit, signal_ok in (("1-00", True), ("5:01", True), ("0:05:01", True), ("5", False), ("0-00:05", False)):
+        script.write_text(f"#!/bin/bash\n#SBATCH --signal=B:USR1@300 --time={limit} --requeue\ntrap 'x' USR1\n")
+        fails = [c for c in check_sbatch(str(script)) if c.status == "fail"]
+        assert (fails == []) == signal_ok, (limit, fails)  # 300 s lead: needs more than 5 minutes
+    script.write_text("#!/bin/bash\n#SBATCH --time=1:2:3:4 --requeue\n")
+    [bad] = [c for c in check_sbatch(str(script)) if c.name == "time"]
+    assert bad.status == "fail" and "'1:2:3:4'" in bad.message and "D-HH:MM:SS" in bad.message
 
 
 def test_pairs_counts_missing_masks(tmp_path):

@@ -21,8 +21,8 @@ from slurm_fixtures import RUN_FILES, history_epochs, smoke_shards, smoke_train_
 from seg.preflight.slurm import check_sbatch, parse_sbatch_options
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["slurm/train.sbatch", "slurm/predict.sbatch", "slurm/summarize.sbatch", "launch/torchrun.sh",
-           "tools/slurm_cluster.sh"]
+SCRIPTS = ["slurm/train.sbatch", "slurm/predict.sbatch", "slurm/summarize.sbatch", "slurm/common.sh",
+           "launch/torchrun.sh", "tools/slurm_cluster.sh"]
 
 
 def _env() -> dict:
@@ -149,26 +149,26 @@ def test_submit_py_validates_before_submitting(tmp_path):
     submit = [sys.executable, str(ROOT / "launch" / "submit.py")]
     out = subprocess.run([*submit, "train", "--log_dir", str(tmp_path / "%j"), "--config",
                           str(ROOT / "configs" / "cpu-smoke.yaml"), "train.epochs=0"], capture_output=True, text=True)
-    assert out.returncode == 1 and "train.epochs=0 is not valid" in out.stderr
+    assert out.returncode == 2 and "train.epochs=0 is not valid" in out.stderr
     assert not list(tmp_path.iterdir()), "nothing may be submitted for an invalid config"
     out = subprocess.run([*submit, "predict", "--parts", "2", "--model_path", "m.pth"], capture_output=True, text=True)
-    assert out.returncode == 1 and "--output_dir is required" in out.stderr
+    assert out.returncode == 2 and "--output_dir is required" in out.stderr
     out = subprocess.run([*submit, "fly"], capture_output=True, text=True)
     assert out.returncode == 2 and "launch/submit.py train" in out.stdout
 
 
 def test_hpc_doc_commands_refer_to_existing_files_and_flags():
-    """The README's commands: every script it names exists, every `seg doctor`
-    and `launch/submit.py` flag it uses is accepted."""
+    """The commands of README.md and docs/HPC.md: every script they name exists, every `seg doctor`
+    and `launch/submit.py` flag they use is accepted."""
     import re
     import shlex
 
     from seg.doctor import build_parser
 
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join((ROOT / doc).read_text() for doc in ("README.md", "docs/HPC.md"))
     for path in set(re.findall(r"\b((?:slurm|launch|tools|configs)/[\w./-]+\.(?:sbatch|sh|py|yaml))", text)):
         if "<" not in path:
-            assert (ROOT / path).is_file(), f"README.md names {path}, which does not exist"
+            assert (ROOT / path).is_file(), f"README.md or docs/HPC.md names {path}, which does not exist"
     commands = re.findall(r"^(seg doctor .*?|python launch/submit.py .*?)(?<!\\)$", text.replace("\\\n", " "),
                           flags=re.MULTILINE)
     assert commands

@@ -39,6 +39,7 @@ def test_train_sbatch_completes(slurm_cluster, smoke_shards, tmp_path, nodes):
     assert f"= world size {world}" in log
     assert f"seg train: {world} process(es)" in log  # the trainer's own view of the world size
     assert "requeueing" not in log
+    assert "\r" not in log and "epoch 2/2: " in log and " batch (100%)" in log  # progress lines, no bar frames
     _assert_run_complete(run_dir, epochs=2)
 
 

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
 from seg.data.io import ImageReadError, check_same_size, decode_image, decode_mask_info, encode_mask_png
 from seg.data.io import read_bytes, to_float01
 from seg.data.pairing import DEFAULT_MASK_SUFFIXES, Pair, Problem, find_pairs, read_pairs_csv, split_of
 from seg.fileio import AtomicFile, atomic_write_json, is_temporary
+from seg.progress import progress_bar
 
 FORMAT_VERSION = 1
 _OWNED = re.compile(r"^(train|val|data)-\d{6}\.tar$")
@@ -237,7 +237,7 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
         workers: validation processes (default ``min(8, cpu count)``; 0 or 1 = in this process).
         strict: any bad pair is an error (``PrepareError`` listing them).
         overwrite: replace shards/dataset.json/temporaries already in ``out``.
-        progress: show a tqdm bar.
+        progress: show progress (a bar on a terminal, lines in a log: seg.progress).
 
     Returns:
         the ``dataset.json`` content.
@@ -264,7 +264,7 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
     sizes, fg, multi = ([], []), [], 0
     s, ss, npix = {n: np.zeros(3) for n in names}, {n: np.zeros(3) for n in names}, dict.fromkeys(names, 0)
     try:
-        bar = tqdm(total=len(pairs), unit="pair", desc="prepare", disable=not progress)
+        bar = progress_bar(total=len(pairs), unit="pair", desc="prepare", disable=not progress)
         with bar:
             for r in _results(pairs, val_split, labelled, workers):
                 bar.update(1)

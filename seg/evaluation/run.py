@@ -31,10 +31,10 @@ class EvaluationError(RuntimeError):
 
 
 def _bar(env: DistEnv, total: int | None, enabled: bool, desc: str):
-    from tqdm import tqdm
+    from seg.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True,
-                disable=not (enabled and env.is_main))
+    return progress_bar(total=total, desc=desc, unit="img", dynamic_ncols=True,
+                        disable=not (enabled and env.is_main))
 
 
 def _score_masks(source: MaskPairs, scores: RankScores, env: DistEnv, cfg: EvaluateConfig) -> None:

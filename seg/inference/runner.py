@@ -208,13 +208,13 @@ class CohortRun:
         return todo, skipped
 
     def run(self) -> dict:
-        from tqdm import tqdm
+        from seg.progress import progress_bar
 
         start = time.perf_counter()
         todo, skipped = self.plan()
         total = sum(len(u) for u in todo) if all(u.kind == "files" for u in todo) else None
-        bar = tqdm(total=total, position=self.position, desc=f"predict {self.worker + 1}/{self.num_workers}",
-                   unit="img", dynamic_ncols=True, mininterval=1.0, disable=not self.cfg.progress or not todo)
+        bar = progress_bar(total=total, position=self.position, desc=f"predict {self.worker + 1}/{self.num_workers}",
+                           unit="img", dynamic_ncols=True, mininterval=1.0, disable=not self.cfg.progress or not todo)
         # resize mode: a writer job is a batch (of one unit), so room for two batches in flight;
         # tile mode: whole-size maps, one per job, the writers' default bound
         room = None if self.p.mode == "tile" else max(4 * self.cfg.writer_threads, 2 * self.p.batch_size)

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from seg.preflight import Check
+from seg.slurm_time import slurm_seconds
 
 SIGNAL_RE = re.compile(r"^(?:(?P<where>[BR]):)?(?P<sig>[A-Z0-9]+)(?:@(?P<sec>\d+))?$")
 
@@ -46,23 +47,6 @@ def parse_sbatch_options(text: str) -> dict[str, str]:
     return options
 
 
-def _minutes(value: str) -> float | None:
-    """Slurm time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; None when unreadable."""
-    try:
-        if "-" in value:
-            days, rest = value.split("-", 1)
-            h, m, s = ([int(p) for p in rest.split(":")] + [0, 0])[:3]
-            return int(days) * 1440 + h * 60 + m + s / 60
-        parts = [int(p) for p in value.split(":")]
-    except ValueError:
-        return None
-    if len(parts) == 1:
-        return float(parts[0])
-    if len(parts) == 2:
-        return parts[0] + parts[1] / 60
-    return parts[0] * 60 + parts[1] + parts[2] / 60
-
-
 def check_sbatch(path: str) -> list[Check]:
     """--signal (B: when the script traps it), --requeue, --open-mode=append, --time, log folder."""
     script = Path(path)
@@ -76,6 +60,12 @@ def check_sbatch(path: str) -> list[Check]:
                          "fix the line named above"))
     opts = parse_sbatch_options(text)
     traps = re.search(r"^\s*trap\s", text, re.MULTILINE) is not None
+    limit = opts.get("--time", opts.get("-t"))
+    seconds = None
+    try:
+        seconds = None if limit is None else slurm_seconds(limit)
+    except ValueError as exc:
+        out.append(Check("fail", "time", f"{path}: {exc}", "write #SBATCH --time in one of those forms"))
     signal = opts.get("--signal")
     if signal is None:
         out.append(Check("fail", "signal", f"{path} has no #SBATCH --signal: at the time limit the run is killed "
@@ -95,9 +85,8 @@ def check_sbatch(path: str) -> list[Check]:
                              "add a trap that forwards the signal, or drop B: to signal the job steps"))
         else:
             out.append(Check("ok", "signal", f"--signal={signal}" + (" (trapped by the script)" if traps else "")))
-        minutes = _minutes(opts.get("--time", opts.get("-t", "")))
-        if m and minutes is not None and m["sec"] and minutes * 60 <= int(m["sec"]):
-            out.append(Check("fail", "signal", f"--time {opts.get('--time', opts.get('-t'))} is not longer than the "
+        if m and seconds is not None and m["sec"] and seconds <= int(m["sec"]):
+            out.append(Check("fail", "signal", f"--time {limit} is not longer than the "
                                                f"signal lead of {m['sec']} s: the signal comes at the start",
                              "give more --time or a shorter @SECONDS"))
     if "--requeue" in opts:

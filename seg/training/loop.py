@@ -37,12 +37,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from seg.config import Config, config_to_dict
 from seg.config.training import ModelConfig
 from seg.losses import build_loss
 from seg.model import build_model
+from seg.progress import progress_bar, write_line
 from seg.training import history, loaders, state
 from seg.training.accel import build_accelerator, describe, prepare_model, resolve_mixed_precision, to_device
 from seg.training.checkpoints import RunFolder, checkpoint_names
@@ -174,7 +174,7 @@ class Trainer:
 
     def log(self, text: str) -> None:
         if self.accelerator.is_main_process:
-            tqdm.write(text)
+            write_line(text)
 
     def train(self) -> int:
         """Run the remaining epochs; 0 when done, ``state.PREEMPTED_EXIT_CODE`` after a preemption save."""
@@ -213,11 +213,11 @@ class Trainer:
         if a.is_main_process:
             self.folder.start(cfg, self.provenance, self.progress.epoch if self.resumed_from is not None else None)
             if self.resumed_from is not None:
-                tqdm.write(f"resuming {self.resumed_from} at epoch {self.progress.epoch + 1}, "
+                write_line(f"resuming {self.resumed_from} at epoch {self.progress.epoch + 1}, "
                            f"step {self.progress.step}/{p.micro}")
             from seg.config import config_to_yaml
 
-            tqdm.write(f"seg train: {describe(a)}\n{config_to_yaml(cfg)}"
+            write_line(f"seg train: {describe(a)}\n{config_to_yaml(cfg)}"
                        f"{self.spec.n_train} training / {self.spec.n_val} validation images, {p.steps} steps of "
                        f"{t.batch_size}x{a.num_processes}x{t.grad_accum} images per epoch"
                        f"{f' (last batch {p.last_size}x{a.num_processes})' if p.last_size < t.batch_size else ''}")
@@ -245,8 +245,8 @@ class Trainer:
         self._next_loaders = None
         for _ in range(self.progress.step):  # resume mid-epoch: regenerate and skip what was done
             next(loader)
-        bar = tqdm(total=p.micro, initial=self.progress.step, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch",
-                   disable=not a.is_main_process, leave=False, dynamic_ncols=True)
+        bar = progress_bar(total=p.micro, initial=self.progress.step, desc=f"epoch {epoch + 1}/{t.epochs}",
+                           unit="batch", disable=not a.is_main_process, leave=False, dynamic_ncols=True)
         for i in range(self.progress.step, p.micro):
             waited = time.perf_counter()
             images, masks, _, skipped = next(loader)
@@ -294,9 +294,9 @@ class Trainer:
             self.folder.end_epoch(a.unwrap_model(self.model), row, epoch + 1, metrics,
                                   checkpoint_names(improved, epoch + 1, t.save_every, new.finished), samples,
                                   self.spec.mean, self.spec.std, t.threshold, new.finished)
-            tqdm.write(history.summary_line(row, t.epochs, improved))
+            write_line(history.summary_line(row, t.epochs, improved))
             if new.stopped_early:
-                tqdm.write(f"early stopping: no val Dice improvement for {new.bad_epochs} epochs "
+                write_line(f"early stopping: no val Dice improvement for {new.bad_epochs} epochs "
                            f"(best {new.best_score:.4f})")
         if a.log_with:
             a.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
