@@ -13,8 +13,8 @@ Design choices for ending a process (``run_command``, ``exit_now``):
   interpreter's normal exit, which terminates (SIGTERM) and then joins its multiprocessing
   children, would wait for them forever. ``exit_now`` therefore kills this process's children
   (SIGKILL: the main process has decided to end, they hold nothing to save) and ends with
-  ``os._exit``, skipping the interpreter's teardown (1-2 s of freeing modules once torch is
-  loaded, measured in docs/BENCHMARKS.md). Every file of a run is closed before that point,
+  ``os._exit``, skipping the interpreter's teardown (seconds of freeing modules once torch is
+  loaded: docs/BENCHMARKS.md, "Measurements behind design choices"). Every file of a run is closed before that point,
   and threads that write (checkpoint plots, prediction writers) are joined by their owners.
 - A closed stdout or stderr (a log pipe whose reader died) must not turn a preemption save
   into a crash: ``guard_streams`` drops writes to a broken stream instead of raising, so the

@@ -17,7 +17,8 @@ unit is a line of ``OUTPUT/manifest.jsonl``; unreadable images go to ``failures.
 
 OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set): decoding processes and
 writer threads share the cores with the model, and spinning OpenMP threads made a small model
-5x slower on a 2-core machine, while a large model's long parallel regions lose nothing.
+several times slower on a 2-core machine (docs/BENCHMARKS.md), while a large model's long
+parallel regions lose nothing.
 
 Exit codes (``seg.exitcodes``): 0 done; 1 an error while running, or ``--summarize`` found the
 cohort incomplete or inconsistent; 2 invalid arguments, or an output folder holding another

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import demo_shards
 
 from seg.doctor import main
 from seg.preflight import Check
@@ -24,14 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """12 demo pairs in shards of 5 -> 2 train shards (and a val shard)."""
-    from seg.data.synthetic import make_demo_dataset
-    from seg.data.sharding import prepare_dataset
-
-    root = tmp_path_factory.mktemp("doctor")
-    make_demo_dataset(root / "demo", n=12, size=32)
-    prepare_dataset(root / "demo" / "images", root / "demo" / "masks", root / "shards", shard_size=5,
-                    workers=1, progress=False)
-    return root / "shards"
+    return demo_shards(tmp_path_factory.mktemp("doctor"), n=12, size=32, shard_size=5)
 
 
 def _by_name(checks: list[Check], name: str) -> list[Check]:
@@ -110,7 +104,7 @@ def test_pairs_counts_missing_masks(tmp_path):
 
 
 def test_prediction_outputs_and_tar_hint(shards, capsys):
-    images = shards.parent / "demo" / "images"
+    images = shards.parent / "raw" / "images"
     code = main(["--image_dir", str(images), "--output_dir", str(shards.parent / "out"), "--unit_size", "4",
                  "--num_parts", "2", "--save_overlay", "--tar_threshold", "10"])
     out = capsys.readouterr().out

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import demo_shards
 
 from seg.data.shards import ShardReadError, epoch_shard_order, shard_samples, shard_urls
-from seg.data.sharding import prepare_dataset
-from seg.data.synthetic import make_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,11 +33,7 @@ TINY = ["--image_size", "32", "--batch_size", "4", "--num_workers", "2", "model.
 @pytest.fixture(scope="module")
 def clean_shards(tmp_path_factory) -> Path:
     """48 demo pairs of 48 px, 4 per shard: 8+ training shards (enough for 2 ranks x 2 workers)."""
-    root = tmp_path_factory.mktemp("hardening")
-    raw = make_demo_dataset(root / "raw", n=48, size=48, seed=0)
-    prepare_dataset(raw / "images", raw / "masks", out=root / "shards", val_split=0.2, shard_size=4, workers=0,
-                    progress=False)
-    return root / "shards"
+    return demo_shards(tmp_path_factory.mktemp("hardening"), n=48, size=48, shard_size=4)
 
 
 def copy_shards(clean: Path, dest: Path) -> Path:

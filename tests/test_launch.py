@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_fixtures import RUN_FILES, history_epochs, smoke_shards, smoke_train_args  # noqa: F401
+from slurm_helpers import RUN_FILES, history_epochs, smoke_train_args
 
 from seg.preflight.slurm import check_sbatch, parse_sbatch_options
 

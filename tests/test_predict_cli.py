@@ -123,6 +123,29 @@ def test_shards_labelled_and_unlabelled(tmp_path, ckpt, labelled):
     assert sorted(read_manifest(out)) == ["shard-val-000000", "shard-val-000001"]
 
 
+def test_broken_and_short_shards_are_failures_naming_the_shard(tmp_path, ckpt):
+    """A shard that breaks mid-member keeps the samples before it; one that ends before the count
+    in the dataset.json beside it (cut at a header boundary) is caught by that count."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = [(f"s{i}", random_image(16, 16, seed=i), False) for i in range(4)]
+    make_shard(shards / "data-000000.tar", samples)
+    make_shard(shards / "data-000001.tar", samples)
+    members = tarfile.open(shards / "data-000001.tar").getmembers()
+    broken, short = shards / "data-000000.tar", shards / "data-000001.tar"
+    broken.write_bytes(broken.read_bytes()[:members[5].offset_data + 5])  # inside the 3rd sample (2 members each)
+    short.write_bytes(short.read_bytes()[:members[4].offset])  # before the 3rd sample's header
+    listing = [{"name": n.name, "count": 4, "bytes": 1} for n in (broken, short)]
+    (shards / "dataset.json").write_text(json.dumps({"splits": {"data": {"count": 8, "shards": listing}}}))
+    out = tmp_path / "out"
+    assert run("--model_path", ckpt, "--shards", shards / "data-*.tar", "--output_dir", out) == 3
+    failed = {f["input"]: f["reason"] for f in read_lines(out / "failures.jsonl")}
+    assert f"shard {broken} cannot be read past sample 2" in failed[str(broken)]
+    assert f"shard {short} ended after 2 samples but dataset.json lists 4" in failed[str(short)]
+    done = [i["input"] for r in read_manifest(out).values() for i in r["images"]]
+    assert sorted(done) == sorted(f"{s}:s{i}" for s in (broken, short) for i in (0, 1))
+
+
 def test_one_image_with_mask_writes_visualization_and_metrics(tmp_path, ckpt, capsys):
     image = write_image(tmp_path / "x.png", random_image(40, 52))
     truth = write_image(tmp_path / "x_truth.png", (random_image(40, 52, channels=1, seed=3) > 128).astype(np.uint8) * 255)

@@ -2,7 +2,7 @@
 cohort with no input done twice; the afterok summary step runs; a task cancelled midway and
 resubmitted alone (SEG_NUM_PARTS) finishes its own part without redoing anything.
 
-Needs the cluster from tools/slurm_cluster.sh (see tests/slurm_fixtures.py for skip/fail).
+Needs the cluster from tools/slurm_cluster.sh (see tests/slurm_helpers.py for skip/fail).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from predict_fixtures import make_checkpoint, random_image, write_image
-from slurm_fixtures import ROOT, manifest_inputs, sbatch, slurm_cluster, wait_for, wait_job  # noqa: F401
+from slurm_helpers import ROOT, manifest_inputs, sbatch, wait_for, wait_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 PREDICT = str(ROOT / "slurm" / "predict.sbatch")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from slurm_fixtures import ROOT, slurm_cluster  # noqa: F401
+from slurm_helpers import ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

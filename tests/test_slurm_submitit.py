@@ -2,7 +2,7 @@
 forced timeout (USR2 -> save -> requeue -> resume); prediction with map_array completes and
 its afterok summary runs.
 
-Needs the cluster from tools/slurm_cluster.sh (see tests/slurm_fixtures.py for skip/fail).
+Needs the cluster from tools/slurm_cluster.sh (see tests/slurm_helpers.py for skip/fail).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from collections import Counter
 
 import pytest
 from predict_fixtures import make_checkpoint, random_image, write_image
-from slurm_fixtures import (ROOT, RUN_FILES, history_epochs, manifest_inputs, slurm_cluster,  # noqa: F401
-                            smoke_shards, smoke_train_args, wait_for)
+from slurm_helpers import ROOT, RUN_FILES, history_epochs, manifest_inputs, smoke_train_args, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

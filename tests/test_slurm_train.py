@@ -1,14 +1,13 @@
 """slurm/train.sbatch on the real local cluster: 1 node x 2 processes, 2 nodes x 2 processes,
 and preemption (USR1 to the batch shell) -> save -> requeue -> resume -> complete.
 
-Needs the cluster from tools/slurm_cluster.sh (see tests/slurm_fixtures.py for skip/fail).
+Needs the cluster from tools/slurm_cluster.sh (see tests/slurm_helpers.py for skip/fail).
 """
 
 from __future__ import annotations
 
 import pytest
-from slurm_fixtures import (ROOT, RUN_FILES, history_epochs, node_count, sbatch, slurm_cluster,  # noqa: F401
-                            smoke_shards, smoke_train_args, wait_for, wait_job)
+from slurm_helpers import ROOT, RUN_FILES, history_epochs, node_count, sbatch, smoke_train_args, wait_for, wait_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TRAIN = str(ROOT / "slurm" / "train.sbatch")

@@ -8,7 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # after, by the PIDs it recorded; a cluster that was already running is used and left running.
 # SEG_SLURM=1 tells the tests the cluster is meant to be up: they fail instead of skipping. With
 # CI=true the tests fail too if it could not start; elsewhere, without root or apt-get, they skip
-# and say why (tests/slurm_fixtures.py). SEG_SLURM_TESTS=0 skips all of this.
+# and say why (tests/slurm_helpers.py). SEG_SLURM_TESTS=0 skips all of this.
 if [ "${SEG_SLURM_TESTS:-1}" != 0 ]; then
   if bash tools/slurm_cluster.sh status >/dev/null 2>&1; then
     echo "[test] using the running local Slurm cluster"

@@ -30,7 +30,7 @@ Design choices:
   augmentation stream is a function of (seed, epoch, rank, worker) and never repeats across
   workers (forked workers would otherwise share one state). ``seg.data.shards`` calls it at the
   start of every worker iterator.
-- albumentations (1-1.5 s to import) is imported on first use, and a ``SegTransform`` builds its
+- albumentations (about a second to import: docs/BENCHMARKS.md) is imported on first use, and a ``SegTransform`` builds its
   pipeline on its first call (or ``compose`` access): arguments are checked at construction, but
   the training process hands the transform to its DataLoader workers unbuilt, so the import and
   the build happen in the workers, in parallel with the model build (`seg train` start-up).

@@ -12,7 +12,8 @@ Design choices:
   conversion (grey repeated to 3 channels, RGB to grey for 1-channel models), the training
   size, and mean/std on images scaled to [0, 1] by their dtype maximum (255 or 65535).
   The arithmetic is that of ``seg.data.transforms.build_eval_transform`` (a test checks they
-  agree) without importing albumentations, which would add 1.7 s to every start-up.
+  agree) without importing albumentations, which would add seconds to every start-up
+  (docs/BENCHMARKS.md, "Measurements behind design choices").
 - Two modes, chosen by the checkpoint's ``sampling`` and ``tile_size``:
   ``resize`` (the training default): each image is resized to ``image_size`` exactly as
   training did (bilinear, on the raw pixels), predicted, and the *probabilities* resized back
@@ -114,7 +115,7 @@ def cast_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> torc
 def build_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     """The checkpoint's model in eval mode, built on the meta device and given the checkpoint's
     tensors (``assign=True``): no random initialisation of weights that are overwritten anyway
-    (1 s of start-up for the 31M model on a CPU)."""
+    (about a second of start-up for the 31M model on a CPU: docs/BENCHMARKS.md)."""
     with torch.device("meta"):
         model = build_model(**ckpt["model"])
     model.load_state_dict(ckpt["state_dict"], assign=True)

@@ -96,7 +96,7 @@ def list_folder(root: str | Path, exclude: str | Path | None = None) -> list[tup
             dirs[:] = []
             continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel_folder = os.path.relpath(folder, root)  # once per folder, not per file (20k files: 0.5 s)
+        rel_folder = os.path.relpath(folder, root)  # once per folder, not per file (docs/BENCHMARKS.md)
         prefix = "" if rel_folder == "." else rel_folder + os.sep
         for name in files:
             if is_image_name(name):

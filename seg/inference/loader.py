@@ -30,7 +30,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch.utils.data
 
-from seg.data.io import ImageReadError, read_image
+from seg.data.io import read_image
 from seg.inference.engine import Preprocessor
 from seg.inference.inputs import Unit, output_stem
 
@@ -112,12 +112,17 @@ class UnitStream(torch.utils.data.IterableDataset):
                 buffer = []
             yield rec
 
-    def _files(self, unit: Unit) -> Iterator:
+    def _records(self, unit: Unit, attempts: Iterator) -> Iterator:
+        """An ``Item`` or a ``Failure`` per ``(source, load)`` of ``attempts``, then the unit's end.
+
+        ``load()`` returns the item or raises (ImageReadError, ShardSampleError and
+        ShardReadError are ValueErrors): the input is recorded as failed and the unit goes on.
+        """
         done = failed = 0
-        for source, rel in zip(unit.sources, unit.rels):
+        for source, load in attempts:
             try:
-                item = self._item(unit, source, rel, read_image(source))
-            except (ImageReadError, OSError) as exc:
+                item = load()
+            except (ValueError, OSError) as exc:
                 failed += 1
                 yield Failure(unit.index, source, str(exc))
                 continue
@@ -125,39 +130,41 @@ class UnitStream(torch.utils.data.IterableDataset):
             yield item
         yield UnitEnd(unit.index, done, failed)
 
-    def _shard(self, unit: Unit) -> Iterator:
-        from seg.data.shards import ShardSampleError, decode_sample, listed_counts, shard_samples
+    def _file_attempts(self, unit: Unit) -> Iterator:
+        for source, rel in zip(unit.sources, unit.rels):
+            yield source, lambda source=source, rel=rel: self._item(unit, source, rel, read_image(source))
+
+    def _shard_attempts(self, unit: Unit) -> Iterator:
+        """One attempt per sample; a shard that breaks (or ends short) is one last failed attempt."""
+        from seg.data.shards import decode_sample, listed_counts, shard_samples
 
         shard = unit.sources[0]
-        done = failed = 0
         samples = shard_samples(shard, listed_counts([shard]).get(shard))
         while True:
             try:
                 sample = next(samples)
             except StopIteration:
-                break
+                return
             except ValueError as exc:  # ShardReadError: truncated, corrupt, or shorter than dataset.json
-                failed += 1
-                yield Failure(unit.index, shard, str(exc))
-                break
-            source = f"{shard}:{sample['__key__']}"
-            try:
+                yield shard, lambda exc=exc: _raise(exc)
+                return
+
+            def load(sample=sample):
                 decoded = decode_sample(sample)
-                item = self._item(unit, source, output_stem(decoded["key"]), decoded["image"])
-            except (ShardSampleError, ValueError) as exc:
-                failed += 1
-                yield Failure(unit.index, source, str(exc))
-                continue
-            done += 1
-            yield item
-        yield UnitEnd(unit.index, done, failed)
+                return self._item(unit, f"{shard}:{sample['__key__']}", output_stem(decoded["key"]), decoded["image"])
+            yield f"{shard}:{sample['__key__']}", load
 
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for j, unit in enumerate(self.units):
             if j % workers == worker:
-                yield from self._chunked(self._shard(unit) if unit.kind == "shard" else self._files(unit))
+                attempts = self._shard_attempts(unit) if unit.kind == "shard" else self._file_attempts(unit)
+                yield from self._chunked(self._records(unit, attempts))
+
+
+def _raise(exc: Exception):
+    raise exc
 
 
 def _worker_init(_: int) -> None:

@@ -12,7 +12,7 @@ Design choices:
   launcher) gives N CPU processes over gloo on a machine without GPUs. A warning says so.
 - Precision comes from ``seg.precision`` (the vocabulary and the 'auto' rule shared with
   prediction): bf16 where the device computes it natively (CPU included: bf16 autocast +
-  channels_last is about 3x the fp32 step on a CPU with AMX, docs/BENCHMARKS.md), fp16 with a
+  channels_last is several times the fp32 step on a CPU with AMX: docs/BENCHMARKS.md), fp16 with a
   gradient scaler on GPUs without bf16, fp32 on request or where bf16 would be emulated.
 - Collectives time out after ``train.collective_timeout`` seconds (Accelerate's
   ``InitProcessGroupKwargs``): a rank that died or hangs ends the job instead of leaving the

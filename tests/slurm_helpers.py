@@ -1,6 +1,7 @@
 """The real local Slurm cluster for the tests, and helpers to submit to it and wait.
 
-Skip or fail, decided here (not in conftest.py):
+``cluster()`` is the body of the ``slurm_cluster`` fixture (tests/conftest.py). Skip or fail,
+decided here:
 - A cluster already up (``tools/slurm_cluster.sh start``, as ``tools/test.sh`` does) is used.
 - Otherwise the session starts one with ``tools/slurm_cluster.sh start --nodes 2`` and stops
   it at the end, when this machine allows it (root and apt-get, or Slurm installed).
@@ -63,8 +64,7 @@ def slurm_env(extra: dict | None = None) -> dict:
     return env
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
+def cluster():
     """A running cluster: yields the environment for sbatch/squeue/sacct; skips or fails otherwise."""
     env = slurm_env()
     started = False
@@ -161,19 +161,6 @@ def manifest_inputs(out_dir: Path) -> list[tuple[int, str]]:
             rec = json.loads(line)
             found += [(rec["worker"], img["input"]) for img in rec["images"]]
     return found
-
-
-@pytest.fixture(scope="session")
-def smoke_shards(tmp_path_factory) -> Path:
-    """24 demo pairs of 64 px in shards of 4 (6 train shards: enough for 4 ranks x 1 worker)."""
-    from seg.data.synthetic import make_demo_dataset
-    from seg.data.sharding import prepare_dataset
-
-    root = tmp_path_factory.mktemp("slurm-data")
-    make_demo_dataset(root / "demo", n=24, size=64)
-    prepare_dataset(root / "demo" / "images", root / "demo" / "masks", root / "shards", shard_size=4,
-                    workers=1, progress=False)
-    return root / "shards"
 
 
 def smoke_train_args(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
