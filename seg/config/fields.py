@@ -95,6 +95,8 @@ def coerce(value: Any, tp, where: str, aliases: dict | None = None) -> Any:
     allowed = choices(inner)
     if allowed is not None:
         candidates = [value, str(value)] if not isinstance(value, bool) else [value]
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            candidates.append(int(value))  # Literal[1, 3] from a flag or an override string
         for candidate in candidates:
             if candidate in allowed:
                 return candidate
