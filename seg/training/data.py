@@ -40,6 +40,7 @@ from seg.config import Config
 from seg.data.shards import (check_enough_shards, decode_and_transform, load_dataset_info, shard_pipeline,
                              shard_urls)
 from seg.data.transforms import augmentation_seed, build_eval_transform, build_train_transform, channel_stats
+from seg.data.volume_prepare import volume_preprocess
 
 
 class DataSpec:
@@ -69,6 +70,7 @@ class DataSpec:
         self.preprocess = {"image_size": d.image_size, "in_channels": d.in_channels,
                            "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
                            "sampling": d.sampling}
+        self.preprocess.update(volume_preprocess(self.info))  # NIfTI volumes: slice axis, normalisation
 
 
 def steps_per_epoch(n_train: int, batch_size: int, world_size: int, grad_accum: int, cap: int = 0) -> int:
