@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worst_k", type=int, default=8, help="lowest-Dice images shown in worst_cases.png")
     p.add_argument("--num_samples", type=int, default=4, help="images shown in sample_predictions.png")
     p.add_argument("--workers", type=int, default=4, help="threads reading files")
+    p.add_argument("--tolerance_mm", type=float, default=1.0,
+                   help="NIfTI volumes: surface Dice tolerance in millimetres")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -74,6 +76,8 @@ def _check_mode(args) -> str | None:
         return "--threshold applies to --model_path; masks in --pred_dir are binary (any value > 0 is foreground)"
     if args.threshold is not None and not 0 <= args.threshold < 1:
         return f"--threshold {args.threshold} is not valid; it must be in [0, 1)"
+    if args.tolerance_mm < 0:
+        return f"--tolerance_mm {args.tolerance_mm} is not valid; it must be >= 0 (millimetres)"
     if args.worst_k < 0 or args.num_samples < 0 or args.batch_size < 1 or args.workers < 1:
         return "--worst_k and --num_samples must be >= 0, --batch_size and --workers >= 1"
     return None
@@ -84,6 +88,11 @@ def summary(evaluation, outputs: dict, seconds: float) -> str:
     g, m = r["global"], r["mean"]
     lines = [f"evaluated {r['n_images']} images in {seconds:.1f} s: global Dice {g['dice']:.4f}, "
              f"global IoU {g['iou']:.4f}, mean Dice {m['dice']:.4f} ± {r['std']['dice']:.4f}"]
+    if "per_volume" in r:  # NIfTI volumes: the images above are their slices
+        vm, hd = r["volume_mean"], r["volume_mean"]["hd95"]
+        lines.append(f"{r['n_volumes']} volumes: mean 3D Dice {vm['dice']:.4f} ± {r['volume_std']['dice']:.4f}, "
+                     f"HD95 {'n/a' if hd is None else f'{hd:.2f} mm'}, surface Dice "
+                     f"{vm['surface_dice']:.4f} at {r['surface_tolerance_mm']:g} mm")
     if evaluation.sweep is not None:
         b = evaluation.sweep["best"]
         lines.append(f"best threshold {b['threshold']:g} (global Dice {b['dice']:.4f}); used {r['threshold']:g}")
@@ -104,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     from seg.evaluation.scoring import init_process_group
 
     env = read_dist_env()
-    opts = Options(Path(args.output_dir), args.worst_k, args.num_samples, args.workers, not args.no_progress)
+    opts = Options(Path(args.output_dir), args.worst_k, args.num_samples, args.workers, not args.no_progress,
+                   args.tolerance_mm)
     start = time.perf_counter()
     created = init_process_group(env)
     try:

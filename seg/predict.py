@@ -103,12 +103,14 @@ def _cohort(args, predictor, out_dir) -> int:
     from seg.dist import prediction_worker, read_dist_env
     from seg.inference.inputs import build_units
     from seg.inference.runner import CohortRun, RunOptions
+    from seg.inference.volumes import check_volume_inputs
 
     try:
         worker, num_workers = prediction_worker(args.part, args.num_parts)
     except RuntimeError as exc:  # a half-set torchrun or Slurm environment
         raise ValueError(str(exc)) from None
     units = build_units(args.image_dir, args.list_path, args.shards, args.unit_size, exclude=str(out_dir))
+    check_volume_inputs(units, predictor.preprocess, args.save_overlay, args.save_probability or args.show_probability)
     opts = RunOptions(out_dir=out_dir, fmt=args.format, overlay=args.save_overlay,
                       probability=args.save_probability or args.show_probability,
                       loader_workers=args.num_workers, writer_threads=args.writer_threads,

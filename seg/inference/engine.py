@@ -34,6 +34,9 @@ Design choices:
 - ``tta=True`` averages the probabilities of the image and its horizontal, vertical and double
   flips (4 forwards per image).
 - torch is imported here, not by the CLI entry, so ``seg predict --help`` stays fast.
+- Checkpoints trained on NIfTI volume slices carry ``preprocess["volume"]`` (slice axis,
+  normalisation); the ``Preprocessor`` carries it to the decoding processes
+  (``seg.inference.volumes``), whose slices arrive as normalised float32, scale 1.
 """
 
 from __future__ import annotations
@@ -160,8 +163,9 @@ class Preprocessor:
         mean, std: per-channel statistics on the [0, 1] scale.
     """
 
-    def __init__(self, mode: str, image_size: int, in_channels: int, mean, std):
+    def __init__(self, mode: str, image_size: int, in_channels: int, mean, std, volume: dict | None = None):
         self.mode, self.image_size, self.in_channels = mode, int(image_size), int(in_channels)
+        self.volume = volume  # checkpoint preprocess["volume"]: slice axis and normalisation, or None
         self.mean = np.asarray(mean, np.float32).reshape(-1)
         self.std = np.asarray(std, np.float32).reshape(-1)
         if self.mean.size != self.in_channels or self.std.size != self.in_channels:
@@ -241,7 +245,7 @@ class Predictor:
         self.threshold = float(ckpt.get("threshold", 0.5) if threshold is None else threshold)
         self.batch_size, self.tta = int(batch_size), bool(tta)
         self.preprocessor = Preprocessor(self.mode, self.image_size, self.in_channels,
-                                         self.preprocess["mean"], self.preprocess["std"])
+                                         self.preprocess["mean"], self.preprocess["std"], self.preprocess.get("volume"))
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
         model = cast_for_autocast(fold_batchnorm(build_from_checkpoint(ckpt)).to(self.device), self.autocast_dtype)
@@ -277,12 +281,13 @@ class Predictor:
         ``channels_last`` comes free: the NHWC pixels permuted to NCHW are channels-last.
 
         Shape:
-            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 (one dtype) -> ``(N, H, W)`` float32.
+            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 (float32 for volume slices; one dtype)
+            -> ``(N, H, W)`` float32.
         """
         x = torch.as_tensor(raw)
-        if x.dtype not in (torch.uint8, torch.uint16):
-            raise TypeError(f"forward_raw expects uint8 or uint16 pixels, got {x.dtype}")
-        scale = 255.0 if x.dtype == torch.uint8 else 65535.0
+        scale = {torch.uint8: 255.0, torch.uint16: 65535.0, torch.float32: 1.0}.get(x.dtype)  # float: volumes
+        if scale is None:
+            raise TypeError(f"forward_raw expects uint8 or uint16 pixels (float32 volume slices), got {x.dtype}")
         mean = torch.as_tensor(self.preprocessor.mean, device=self.device).view(1, -1, 1, 1)
         std = torch.as_tensor(self.preprocessor.std, device=self.device).view(1, -1, 1, 1)
         out = []

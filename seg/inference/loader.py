@@ -21,6 +21,9 @@ Design choices:
   markers are never held back inside a batch.
 - Each worker process runs with one torch and one OpenCV thread: parallelism comes from the
   processes, and the main process keeps its cores for the model.
+- A NIfTI volume becomes one ``Item`` per slice (``slice = (axis, index, count)``, see
+  ``seg.inference.volumes``); an unreadable volume is one ``Failure``. ``UnitEnd.items``
+  counts items, so slices.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 import torch.utils.data
 
 from seg.data.io import ImageReadError, read_image
+from seg.data.volumes import is_volume_name
 from seg.inference.engine import Preprocessor
 from seg.inference.inputs import Unit, output_stem
 
@@ -42,6 +46,7 @@ class Item(NamedTuple):
     x: np.ndarray | torch.Tensor  # prepared raw pixels (Preprocessor.prepare), uint8/uint16
     size: tuple[int, int]  # original (H, W)
     image: np.ndarray | None  # original image, only for overlays
+    slice: tuple[int, int, int] | None = None  # (axis, index, count) of a volume's slice
 
 
 class Chunk(NamedTuple):
@@ -52,10 +57,12 @@ class Chunk(NamedTuple):
     x: torch.Tensor  # (n, ...) prepared pixels
     sizes: tuple[tuple[int, int], ...]
     images: tuple[np.ndarray | None, ...]
+    slices: tuple[tuple[int, int, int] | None, ...] = ()
 
     def items(self) -> Iterator[Item]:
         for i, source in enumerate(self.sources):
-            yield Item(self.unit, source, self.rels[i], self.x[i], self.sizes[i], self.images[i])
+            yield Item(self.unit, source, self.rels[i], self.x[i], self.sizes[i], self.images[i],
+                       self.slices[i] if self.slices else None)
 
 
 class Failure(NamedTuple):
@@ -100,7 +107,7 @@ class UnitStream(torch.utils.data.IterableDataset):
     def _stack(items: list[Item]) -> Chunk:
         return Chunk(items[0].unit, tuple(i.source for i in items), tuple(i.rel for i in items),
                      torch.from_numpy(np.stack([i.x for i in items])), tuple(i.size for i in items),
-                     tuple(i.image for i in items))
+                     tuple(i.image for i in items), tuple(i.slice for i in items))
 
     def _chunked(self, records: Iterator) -> Iterator:
         """Items grouped into ``Chunk``s of up to ``self.chunk`` (one IPC message each, not one per
@@ -121,9 +128,25 @@ class UnitStream(torch.utils.data.IterableDataset):
                 buffer = []
             yield rec
 
+    def _volume(self, unit: Unit, source: str, rel: str) -> Iterator[Item]:
+        from seg.inference.volumes import volume_slices
+
+        for where, x, size in volume_slices(source, self.pre):
+            yield Item(unit.index, source, rel, x, size, None, where)
+
     def _files(self, unit: Unit) -> Iterator:
         done = failed = 0
         for source, rel in zip(unit.sources, unit.rels):
+            if is_volume_name(source):
+                try:
+                    items = list(self._volume(unit, source, rel))  # read whole: a bad file fails before any slice
+                except (ImageReadError, OSError) as exc:
+                    failed += 1
+                    yield Failure(unit.index, source, str(exc))
+                    continue
+                done += len(items)
+                yield from items
+                continue
             try:
                 item = self._item(unit, source, rel, read_image(source))
             except (ImageReadError, OSError) as exc:
