@@ -223,3 +223,13 @@ def test_doctor_reports_a_recorded_leak(tmp_path):
     path.write_text(json.dumps(info))
     check = check_groups(tmp_path / "out")[0]
     assert check.status == "fail" and info["groups"]["train"][0] in check.message
+
+
+def test_pairs_csv_of_volumes(tmp_path):
+    _cohort(tmp_path, n=2)
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,mask\n" + "".join(f"images/sub-{i:02d}/t1.nii.gz,labels/sub-{i:02d}/t1_seg.nii.gz\n"
+                                            for i in range(2)))
+    info = prepare_dataset(pairs_csv=csv, out=tmp_path / "out", val_split=0.0, workers=0, progress=False)
+    assert info["kind"] == "volumes" and info["volumes"]["count"] == {"train": 2, "val": 0}
+    assert sorted(info["groups"]["train"]) == ["sub-00/t1", "sub-01/t1"]
