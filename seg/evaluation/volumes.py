@@ -15,7 +15,8 @@ Design choices:
   report's new top-level keys (``surface.summarize_volumes``). Its axial slices also go through
   the 2D scorer as images (id ``<volume id>/axial_<index>``), so the existing report keys,
   plots and panels keep their meaning (pixels pooled over every slice; mean/std over slices);
-  the middle slice of each volume comes first for the sample panels.
+  the sample panels show the middle slices of the first volumes, then their quarter slices
+  (the first and last slices of a volume are often empty).
 - Work split as for 2D masks: volume ``i`` of the sorted pairs belongs to rank ``i mod
   world_size``; each rank's per-volume results are gathered to rank 0 after the ranks have
   shared their errors, before the slice counts (every rank makes the same collectives).
@@ -132,10 +133,11 @@ class VolumePairs:
             image = V.load_volume(pair.image)
             V.check_same_geometry(truth.geometry, image.geometry)
         count = V.slice_count(g.shape, SLICE_AXIS)
+        # panel order (RankScores picks indices < num_samples): every volume's middle slice, then quarters
+        priority = {count // 2: 0, count // 4: 1, (3 * count) // 4: 2}
         slices = []
         for k in range(count):
-            # the middle slice of volume i gets panel index i; the others come after every volume's middle
-            panel = index if k == count // 2 else len(self.pairs) + index * count + k
+            panel = priority.get(k, 3 + k) * len(self.pairs) + index
             img = None if image is None else V.get_slice(image.data, SLICE_AXIS, k)
             slices.append(Scorable(panel, f"{pair.key}/{SLICE_AXIS}_{k:04d}", V.get_slice(truth.data, SLICE_AXIS, k),
                                    pred=V.get_slice(pred.data, SLICE_AXIS, k), image_loader=lambda img=img: img))
