@@ -11,9 +11,9 @@ import pytest
 from seg.data import volumes as V
 from seg.inference.engine import Preprocessor
 from seg.inference.inputs import Unit, file_units, list_folder, output_stem
-from seg.inference.volumes import MASK_SUFFIX, VolumeAssembler, check_volume_inputs, output_names, volume_slices
+from seg.inference.volumes import MASK_SUFFIX, check_volume_inputs, output_names, volume_slices
 from seg.inference.writers import UnitSink
-from tests.volume_fixtures import OBLIQUE_AFFINE, ball_volume, save_nifti
+from volume_fixtures import OBLIQUE_AFFINE, ball_volume, save_nifti
 
 VOLUME = {"slice_axis": "axial", "normalization": {"modality": "mri", "percentiles": [0.5, 99.5]}}
 

@@ -8,7 +8,7 @@ import pytest
 
 from seg.evaluate import main
 from seg.evaluation.volumes import index_volumes, pair_volume_masks
-from tests.volume_fixtures import save_nifti
+from volume_fixtures import save_nifti
 
 SPACING_AFFINE = np.diag([2.0, 1.0, 0.5, 1.0])  # RAS, anisotropic
 

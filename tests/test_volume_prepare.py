@@ -3,7 +3,6 @@
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import cv2
@@ -17,7 +16,7 @@ from seg.data.shards import decode_sample
 from seg.data.transforms import build_eval_transform, build_train_transform, channel_stats
 from seg.doctor.groups import check_groups
 from seg.prepare import main
-from tests.volume_fixtures import OBLIQUE_AFFINE, RAS_AFFINE, ball_volume, save_nifti
+from volume_fixtures import OBLIQUE_AFFINE, RAS_AFFINE, ball_volume, save_nifti
 
 SHAPE = (8, 24, 20)  # storage order; canonical (24, 20, 8) under OBLIQUE_AFFINE: 8 axial slices
 

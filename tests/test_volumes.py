@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from seg.data import volumes as V
-from tests.volume_fixtures import OBLIQUE_AFFINE, RAS_AFFINE, ball_volume, save_nifti
+from volume_fixtures import OBLIQUE_AFFINE, RAS_AFFINE, ball_volume, save_nifti
 
 AFFINES = {
     "ras": RAS_AFFINE,

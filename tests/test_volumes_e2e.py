@@ -24,7 +24,7 @@ from seg.data import volumes as V
 from seg.evaluation.surface import volume_metrics
 from seg.inference.engine import Predictor
 from seg.prepare import main as prepare_main
-from tests.volume_fixtures import OBLIQUE_AFFINE, ball_volume, save_nifti
+from volume_fixtures import OBLIQUE_AFFINE, ball_volume, save_nifti
 
 N = 6
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from seg.data.io import ImageReadError, check_same_size, decode_image, decode_mask_info, encode_mask_png
 from seg.data.io import read_bytes, to_float01
 from seg.data.pairing import DEFAULT_MASK_SUFFIXES, Pair, Problem, find_pairs, read_pairs_csv, split_of
-from seg.data.volumes import is_volume_name
+from seg.data.volume_prepare import groups_record, input_kind, prepare_volume_dataset, split_groups
 from seg.fileio import atomic_write_json, is_temporary, temporary_name
 
 FORMAT_VERSION = 1
@@ -279,14 +279,15 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
         raise PrepareError("nothing to prepare: pass --images (and --masks), or --pairs FILE.csv")
     if strict and problems:
         raise PrepareError(_strict_message(problems))
-    volumes = _input_kind(pairs, labelled, slice_axis, modality, empty_slice_fraction)
-    groups = _groups(pairs, val_split, labelled, group_by) if group_by or volumes else None
+    try:
+        volumes = input_kind(pairs, labelled, slice_axis, modality, empty_slice_fraction)
+        groups = split_groups(pairs, val_split, labelled, group_by) if group_by or volumes else None
+    except ValueError as exc:
+        raise PrepareError(str(exc)) from None
     out = Path(out)
     _prepare_out(out, overwrite)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     if volumes:
-        from seg.data.volume_prepare import prepare_volume_dataset
-
         return prepare_volume_dataset(pairs, problems, labelled, out, val_split=val_split, shard_size=shard_size,
                                       shard_bytes=shard_bytes, slice_axis=slice_axis, modality=modality or "mri",
                                       empty_slice_fraction=empty_slice_fraction, group_by=group_by, workers=workers,
@@ -347,8 +348,6 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
             "shard_bytes": int(shard_bytes),
             "skipped": [p.as_dict() for p in problems]}
     if groups is not None:
-        from seg.data.volume_prepare import groups_record
-
         info["groups"] = groups_record({k: groups[k] for k in written_keys}, group_by, names)
     atomic_write_json(out / "dataset.json", info)
     return info
@@ -358,36 +357,6 @@ def _source(images, masks, pairs_csv) -> dict:
     return {"images": str(Path(images).resolve()) if images is not None and pairs_csv is None else None,
             "masks": str(Path(masks).resolve()) if masks is not None and pairs_csv is None else None,
             "pairs": str(Path(pairs_csv).resolve()) if pairs_csv is not None else None}
-
-
-def _input_kind(pairs: list[Pair], labelled: bool, slice_axis, modality, empty_slice_fraction) -> bool:
-    """True for NIfTI volumes, False for 2D images; a mix, or volume options on 2D, is an error."""
-    n = sum(is_volume_name(p.image.name) for p in pairs)
-    if 0 < n < len(pairs):
-        image = next(p.image_rel for p in pairs if not is_volume_name(p.image.name))
-        volume = next(p.image_rel for p in pairs if is_volume_name(p.image.name))
-        raise PrepareError(f"the inputs mix {len(pairs) - n} 2D images (e.g. {image}) and {n} NIfTI volumes (e.g. "
-                           f"{volume}); prepare them into separate --out folders")
-    if n == 0 and (modality is not None or empty_slice_fraction != 1.0):
-        raise PrepareError("--modality and --empty_slice_fraction apply to NIfTI volumes (.nii, .nii.gz); "
-                           "the inputs are 2D images")
-    if n:
-        from seg.data.volume_prepare import check_volume_options
-
-        try:
-            check_volume_options(labelled, slice_axis, modality or "mri", empty_slice_fraction)
-        except ValueError as exc:
-            raise PrepareError(str(exc)) from None
-    return n > 0
-
-
-def _groups(pairs: list[Pair], val_split: float, labelled: bool, group_by: str) -> dict[str, tuple[str, str]]:
-    from seg.data.volume_prepare import split_groups
-
-    try:
-        return split_groups(pairs, val_split, labelled, group_by)
-    except ValueError as exc:
-        raise PrepareError(str(exc)) from None
 
 
 def _strict_message(problems: list[Problem]) -> str:

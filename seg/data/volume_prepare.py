@@ -43,6 +43,7 @@ from tqdm import tqdm
 from seg.data import volumes as V
 from seg.data.io import encode_mask_png
 from seg.data.pairing import Pair, Problem, group_of, split_of
+from seg.data.volumes import is_volume_name
 from seg.fileio import atomic_write_json
 
 VOLUME_KIND = "volumes"
@@ -223,6 +224,28 @@ def split_groups(pairs: list[Pair], val_split: float, labelled: bool, group_by: 
 def groups_record(groups: dict[str, tuple[str, str]], group_by: str | None, names) -> dict:
     """dataset.json ``groups``: the pattern and the sorted groups of each split."""
     return {"group_by": group_by, **{n: sorted({g for g, s in groups.values() if s == n}) for n in names}}
+
+
+def input_kind(pairs: list[Pair], labelled: bool, slice_axis: str, modality: str | None,
+               empty_slice_fraction: float) -> bool:
+    """True for NIfTI volumes, False for 2D images.
+
+    Raises:
+        ValueError: the inputs mix both kinds, volume options are given for 2D images, or a
+            volume option is invalid.
+    """
+    n = sum(is_volume_name(p.image.name) for p in pairs)
+    if 0 < n < len(pairs):
+        image = next(p.image_rel for p in pairs if not is_volume_name(p.image.name))
+        volume = next(p.image_rel for p in pairs if is_volume_name(p.image.name))
+        raise ValueError(f"the inputs mix {len(pairs) - n} 2D images (e.g. {image}) and {n} NIfTI volumes (e.g. "
+                         f"{volume}); prepare them into separate --out folders")
+    if n == 0 and (modality is not None or empty_slice_fraction != 1.0):
+        raise ValueError("--modality and --empty_slice_fraction apply to NIfTI volumes (.nii, .nii.gz); "
+                         "the inputs are 2D images")
+    if n:
+        check_volume_options(labelled, slice_axis, modality or "mri", empty_slice_fraction)
+    return n > 0
 
 
 def check_volume_options(labelled: bool, slice_axis: str, modality: str, empty_slice_fraction: float) -> None:
