@@ -12,6 +12,8 @@ Checks (each runs when its inputs are given; the machine checks always run):
 - config: the resolved config (``--config``, flags, dotted overrides) is valid.
 - data: dataset.json and its shards exist; train shards >= ranks x workers (else some readers
   get nothing); shard sizes balanced; validation shards vs ranks.
+- groups: no group (volume, or ``--group_by REGEX`` on the image paths: patient, slide) has
+  samples in both train and val (``seg.preflight.groups``).
 - pairs: images with masks (``--images/--masks``), unpaired and ambiguous files counted.
 - rendezvous: the head node name resolves; the port is free when the head is this machine.
 - devices: GPUs asked for are visible; CPU cores vs processes.
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sbatch", metavar="SCRIPT", help="sbatch script to check (--signal, --requeue, log folder)")
     a("--images", help="raw images folder to pair with --masks (before `seg prepare`)")
     a("--masks", help="raw masks folder")
+    a("--group_by", metavar="REGEX", help="check that no group (the regex's first capture group in each "
+                                          "sample's image path, e.g. '^([^/]+)/') is in both train and val")
     g = p.add_argument_group("prediction (the same flags as seg predict)")
     add_flags(g, PredictConfig, names=["image_dir", "list_path", "shards", "output_dir", "format", "save_overlay",
                                        "save_probability", "unit_size", "num_parts"])
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_checks(args: argparse.Namespace) -> list[Check]:
     """All checks that apply to ``args`` (parsed by ``build_parser``), in report order."""
-    from seg.preflight import checks, outputs, slurm
+    from seg.preflight import checks, groups, outputs, slurm
 
     results: list[Check] = []
     gpus = args.gpus_per_node
@@ -72,6 +76,7 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
         results += found
         if cfg is not None:
             results += checks.check_shards(cfg.data.data_dir, world, cfg.data.num_workers)
+            results += groups.check_groups(cfg.data.data_dir, args.group_by)
     if args.images:
         results += checks.check_pairs(args.images, args.masks)
     results += checks.check_rendezvous(args.head, args.port, args.nodes)

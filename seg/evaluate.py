@@ -38,7 +38,8 @@ from seg.config.inference import EvaluateConfig
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seg evaluate", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(p.add_argument_group("existing masks"), EvaluateConfig, names=["pred_dir", "gt_dir", "image_dir"])
+    add_flags(p.add_argument_group("existing masks"), EvaluateConfig,
+              names=["pred_dir", "gt_dir", "image_dir", "tolerance_mm"])
     add_flags(p.add_argument_group("a model on labelled data"), EvaluateConfig,
               names=["model_path", "data_dir", "split", "threshold", "batch_size", "device", "precision", "tta",
                      "tile_size", "tile_overlap"])
@@ -51,6 +52,11 @@ def summary(evaluation, outputs: dict, seconds: float) -> str:
     g, m = r["global"], r["mean"]
     lines = [f"evaluated {r['n_images']} images in {seconds:.1f} s: global Dice {g['dice']:.4f}, "
              f"global IoU {g['iou']:.4f}, mean Dice {m['dice']:.4f} ± {r['std']['dice']:.4f}"]
+    if "per_volume" in r:  # NIfTI volumes: the images above are their slices
+        vm, hd = r["volume_mean"], r["volume_mean"]["hd95"]
+        lines.append(f"{r['n_volumes']} volumes: mean 3D Dice {vm['dice']:.4f} ± {r['volume_std']['dice']:.4f}, "
+                     f"HD95 {'n/a' if hd is None else f'{hd:.2f} mm'}, surface Dice "
+                     f"{vm['surface_dice']:.4f} at {r['surface_tolerance_mm']:g} mm")
     if evaluation.sweep is not None:
         b = evaluation.sweep["best"]
         lines.append(f"best threshold {b['threshold']:g} (global Dice {b['dice']:.4f}); used {r['threshold']:g}")

@@ -79,12 +79,14 @@ def _cohort(cfg: PredictConfig, predictor, out_dir) -> int:
     from seg.dist import prediction_worker, read_dist_env
     from seg.inference.inputs import build_units
     from seg.inference.runner import CohortRun
+    from seg.inference.volumes import check_volume_inputs
 
     try:
         worker, num_workers = prediction_worker(cfg.part, cfg.num_parts)
     except RuntimeError as exc:  # a half-set torchrun or Slurm environment
         raise ValueError(str(exc)) from None
     units = build_units(cfg.image_dir, cfg.list_path, cfg.shards, cfg.unit_size, exclude=str(out_dir))
+    check_volume_inputs(units, predictor.preprocess, cfg.save_overlay, cfg.save_probability)
     s = CohortRun(predictor, units, worker, num_workers, cfg, position=read_dist_env().local_rank).run()
     first = (f"; first batch in the model {s['first_batch_start_s']:.2f} s after start, done at "
              f"{s['first_batch_s']:.2f} s") if s["first_batch_s"] is not None else ""

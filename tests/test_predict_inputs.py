@@ -150,3 +150,35 @@ def test_decoding_stream_chunks_by_dtype_and_reports_failures(tmp_path):
     assert tuple(chunks[0].x.shape) == (2, 16, 16, 3) and chunks[0].sizes == ((20, 30), (9, 9))
     assert isinstance(records[1], Failure) and "empty" in records[1].reason
     assert records[-1] == UnitEnd(0, 4, 1)
+
+
+@pytest.mark.timeout(120)
+def test_decoding_workers_start_after_opencv_threads_ran(tmp_path):
+    """A process that has run a threaded OpenCV call forks its decoding workers safely: a child
+    that changed its own OpenCV thread count after such a fork hung forever (seg.data.io)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import cv2, numpy as np
+from predict_fixtures import random_image, write_image
+from seg.inference.engine import Preprocessor
+from seg.inference.inputs import build_units
+from seg.inference.loader import UnitStream, record_loader
+cv2.setNumThreads(2)
+big = np.random.default_rng(0).integers(0, 255, (3000, 3000), np.uint8)
+for _ in range(3):
+    cv2.GaussianBlur(cv2.resize(big, (1500, 1500)), (0, 0), 3)  # the thread pool runs now
+__import__("time").sleep(1)  # its threads are asleep when the workers fork (the case that hung)
+for i in range(8):
+    write_image(__import__("pathlib").Path({str(tmp_path)!r}) / "in" / f"x{{i}}.png", random_image(20, 20, seed=i))
+units = build_units({str(tmp_path / "in")!r}, unit_size=2)
+stream = UnitStream(units, Preprocessor("resize", 32, 3, [0.5] * 3, [0.25] * 3))
+print(sum(1 for _ in record_loader(stream, num_workers=2)), "records")
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] != "0"

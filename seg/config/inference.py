@@ -130,6 +130,9 @@ class EvaluateConfig(InferenceConfig):
     image_dir: str | None = None
     """Optional images, shown in sample_predictions.png and worst_cases.png."""
 
+    tolerance_mm: float = 1.0
+    """NIfTI volumes: the surface Dice tolerance in millimetres."""
+
     data_dir: str | None = None
     """With --model_path: a folder from `seg prepare`, a shard pattern, or a folder with images/ and masks/."""
 
@@ -156,6 +159,7 @@ class EvaluateConfig(InferenceConfig):
         check_range("evaluate", "worst_k", self.worst_k, low=0)
         check_range("evaluate", "num_samples", self.num_samples, low=0)
         check_range("evaluate", "workers", self.workers, low=1)
+        check_range("evaluate", "tolerance_mm", self.tolerance_mm, low=0)
 
     def mode(self) -> str:
         """'masks' (--pred_dir + --gt_dir) or 'model' (--model_path + --data_dir); ValueError otherwise."""

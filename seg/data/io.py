@@ -15,6 +15,11 @@ Design choices:
   structural check catches the cases where a decoder would hand back a partial image: a JPEG
   must have an end-of-image marker after its last start-of-scan, a PNG its ``IEND`` chunk, a
   BMP at least the byte count its header announces.
+- Worker processes that use OpenCV are forked inside ``opencv_threads(1)``: a forked child of a
+  process whose OpenCV thread pool is running hangs when it changes its own thread count
+  (reproduced with OpenCV 5.0: ``cv2.setNumThreads(1)`` in a child forked after a threaded
+  resize in the parent never returns). With one thread in the parent while it forks, children
+  inherit a single-threaded OpenCV without a pool and never touch the setting.
 - Masks are binary: any value > 0 is foreground; a multi-channel mask uses the maximum over its
   channels. ``mask_value_count`` reports the number of distinct values so that ``seg prepare``
   can count masks that are not strictly two-valued (they are accepted, not rejected).
@@ -22,15 +27,29 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SUPPORTED_DTYPES = (np.uint8, np.uint16)
+
+
+@contextlib.contextmanager
+def opencv_threads(n: int = 1) -> Iterator[None]:
+    """OpenCV's thread count is ``n`` inside the block and restored after (see the module
+    docstring: start forked worker processes inside ``opencv_threads(1)``)."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 class ImageReadError(ValueError):

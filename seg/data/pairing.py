@@ -16,7 +16,13 @@ Design choices:
   ``[A-Za-z0-9_-]`` replaced by ``_``. Keys must be unique: ``x.jpg`` and ``x.png`` in one
   folder collide; every file of a collision is reported naming the others.
 - The split is a hash of the key (sha1 mapped to [0, 1)), not of a position in a list: a key
-  keeps its split when the data set grows or is re-prepared.
+  keeps its split when the data set grows or is re-prepared. With ``--group_by REGEX`` the
+  hash is of the sample's group instead (``group_of``: the regex's first capture group, or its
+  whole match, searched in the relative path), so every image of one patient or slide lands in
+  the same split; a path the regex does not match is an error, never a group of its own.
+- NIfTI volumes (``.nii``, ``.nii.gz``; listed only with ``volumes=True``) pair like images,
+  the whole double extension removed from the stem (``x.nii.gz`` pairs with ``x_seg.nii.gz``),
+  and only with volumes: a volume never pairs with a 2D mask, nor an image with a mask volume.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seg.data.io import IMAGE_EXTENSIONS
+from seg.data.volumes import is_volume_name, split_volume_name
 
 DEFAULT_MASK_SUFFIXES = ("", "_mask", "-mask", "_seg")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
@@ -70,7 +77,9 @@ def sample_key(rel_path: str | Path) -> str:
     """
     text = str(rel_path).replace("\\", "/")
     stem, ext = os.path.splitext(text)
-    if ext.lower() not in IMAGE_EXTENSIONS:
+    if is_volume_name(text):
+        stem = split_volume_name(text)[0]
+    elif ext.lower() not in IMAGE_EXTENSIONS:
         stem = text
     parts = [p for p in stem.split("/") if p not in ("", ".", "..")]
     safe = [_UNSAFE.sub("_", p.replace(".", "_")) for p in parts]
@@ -83,10 +92,24 @@ def split_of(key: str, val_split: float) -> str:
     return "val" if h < val_split else "train"
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def group_of(rel_path: str, pattern: "re.Pattern") -> str | None:
+    """The group of a relative path: ``pattern``'s first capture group, else its whole match;
+    None when it does not match. Example: ``r"^(patient\\d+)/"`` on ``patient07/a.png`` -> ``patient07``."""
+    match = pattern.search(str(rel_path).replace("\\", "/"))
+    if match is None:
+        return None
+    return match.group(1) if pattern.groups else match.group(0)
+
+
+def _stem(rel: Path) -> str:
+    return split_volume_name(rel.name)[0] if is_volume_name(rel.name) else rel.stem
+
+
+def list_images(folder: str | Path, volumes: bool = False) -> list[Path]:
     """All files with a supported image extension under ``folder`` (recursive, sorted, relative).
 
     Hidden files and folders (names starting with ``.``, e.g. temporary files) are skipped.
+    ``volumes=True`` lists NIfTI volumes (``.nii``, ``.nii.gz``) too.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -95,7 +118,8 @@ def list_images(folder: str | Path) -> list[Path]:
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            if not name.startswith(".") and (os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                                              or (volumes and is_volume_name(name))):
                 found.append((Path(root) / name).relative_to(folder))
     return sorted(found, key=lambda p: p.as_posix())
 
@@ -103,15 +127,16 @@ def list_images(folder: str | Path) -> list[Path]:
 def _stem_index(rel_paths: list[Path]) -> dict[tuple[str, str], list[Path]]:
     index: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for rel in rel_paths:
-        index[(rel.parent.as_posix(), rel.stem)].append(rel)
+        index[(rel.parent.as_posix(), _stem(rel))].append(rel)
     return index
 
 
 def _mask_candidates(image_rel: Path, index, suffixes, same_folder: bool) -> list[Path]:
-    parent = image_rel.parent.as_posix()
+    parent, stem, volume = image_rel.parent.as_posix(), _stem(image_rel), is_volume_name(image_rel.name)
     out = []
     for suffix in suffixes:
-        out += [m for m in index.get((parent, image_rel.stem + suffix), []) if not (same_folder and m == image_rel)]
+        out += [m for m in index.get((parent, stem + suffix), [])
+                if not (same_folder and m == image_rel) and is_volume_name(m.name) == volume]
     return sorted(set(out), key=lambda p: p.as_posix())
 
 
@@ -134,7 +159,7 @@ def _dedupe_keys(pairs: list[Pair], problems: list[Problem]) -> list[Pair]:
 
 
 def find_pairs(images_dir: str | Path, masks_dir: str | Path | None = None,
-               suffixes=DEFAULT_MASK_SUFFIXES) -> tuple[list[Pair], list[Problem]]:
+               suffixes=DEFAULT_MASK_SUFFIXES, volumes: bool = False) -> tuple[list[Pair], list[Problem]]:
     """Pair every image under ``images_dir`` with its mask under ``masks_dir``.
 
     Args:
@@ -142,13 +167,14 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path | None = None,
         masks_dir: folder of masks mirroring ``images_dir``'s layout; None for an unlabelled
             cohort (every pair's mask is None).
         suffixes: mask stem suffixes tried in order, e.g. ``("", "_mask")``.
+        volumes: also pair NIfTI volumes (with mask volumes).
 
     Returns:
         ``(pairs sorted by key, problems)``; problems are ``missing mask``, ``ambiguous mask``
         and ``duplicate key``.
     """
     images_dir = Path(images_dir).resolve()
-    image_rels = list_images(images_dir)
+    image_rels = list_images(images_dir, volumes)
     problems: list[Problem] = []
     pairs: list[Pair] = []
     if masks_dir is None:
@@ -156,7 +182,7 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path | None = None,
             pairs.append(Pair(sample_key(rel), images_dir / rel, None, rel.as_posix(), None))
         return _dedupe_keys(pairs, problems), problems
     masks_dir = Path(masks_dir).resolve()
-    mask_rels = list_images(masks_dir)
+    mask_rels = list_images(masks_dir, volumes)
     index = _stem_index(mask_rels)
     same = masks_dir == images_dir
     if same:  # masks next to images: a mask candidate is not an image
@@ -165,7 +191,7 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path | None = None,
     for rel in image_rels:
         candidates = _mask_candidates(rel, index, suffixes, same)
         if not candidates:
-            tried = ", ".join(f"{rel.parent.as_posix()}/{rel.stem}{s}.*".lstrip("./") for s in suffixes)
+            tried = ", ".join(f"{rel.parent.as_posix()}/{_stem(rel)}{s}.*".lstrip("./") for s in suffixes)
             problems.append(Problem(rel.as_posix(), None, "missing mask",
                                     f"{images_dir / rel}: no mask found in {masks_dir} (looked for {tried})"))
         elif len(candidates) > 1:

@@ -16,6 +16,11 @@ Design choices:
   closed and fsynced; ``dataset.json`` is written last, atomically. A killed run leaves complete
   shards and temporaries, never a partial final-named shard; ``--overwrite`` clears both.
 - Tar members use a fixed mtime and PAX headers (long keys), so a re-run writes identical shards.
+- NIfTI volumes (``.nii``/``.nii.gz`` images with label volumes) are sliced and written by
+  ``seg.data.volume_prepare``; a run holds either 2D images or volumes, never both.
+- ``group_by`` (a regex on the relative path) makes the split by group (patient, slide), not
+  by sample; the group goes into each sample's JSON and the groups of each split into
+  ``dataset.json``. Without it nothing changes (the split is by sample key).
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ import numpy as np
 import webdataset as wds
 
 from seg.data.io import ImageReadError, check_same_size, decode_image, decode_mask_info, encode_mask_png
-from seg.data.io import read_bytes, to_float01
+from seg.data.io import opencv_threads, read_bytes, to_float01
 from seg.data.pairing import DEFAULT_MASK_SUFFIXES, Pair, Problem, find_pairs, read_pairs_csv, split_of
+from seg.data.volume_prepare import groups_record, input_kind, prepare_volume_dataset, split_groups
 from seg.fileio import AtomicFile, atomic_write_json, is_temporary
 from seg.progress import progress_bar
 
@@ -50,9 +56,8 @@ class PrepareError(ValueError):
 
 # ----------------------------------------------------------------------------- validation (workers)
 def _init_worker() -> None:
-    import cv2
+    import cv2  # one OpenCV thread, inherited: the pool runs inside seg.data.io.opencv_threads(1)
 
-    cv2.setNumThreads(1)
     with contextlib.suppress(Exception):
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
@@ -98,7 +103,7 @@ def _results(pairs, val_split, labelled, workers, chunk=16):
         for c in chunks:
             yield from _validate_chunk(c, val_split, labelled)
         return
-    with cf.ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+    with opencv_threads(1), cf.ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
         window: deque = deque()
         todo = iter(chunks)
         try:
@@ -211,6 +216,11 @@ def summary_text(info: dict, seconds: float) -> str:
     shards = sum(len(s["shards"]) for s in info["splits"].values())
     parts = ", ".join(f"{k} {v['count']}" for k, v in info["splits"].items())
     lines = [f"wrote {written} pairs ({parts}) in {shards} shards; skipped {len(info['skipped'])}"]
+    if "volumes" in info:  # NIfTI volumes: the pairs above are slices
+        vol = info["volumes"]
+        lines[0] = (f"wrote {written} {vol['slice_axis']} slices ({parts}) of {sum(vol['count'].values())} volumes "
+                    f"({', '.join(f'{k} {v}' for k, v in vol['count'].items())}) in {shards} shards; skipped "
+                    f"{len(info['skipped'])} volumes; {vol['empty_slices_dropped']} empty training slices left out")
     for reason, n in Counter(s["reason"] for s in info["skipped"]).most_common():
         lines.append(f"  skipped {n}: {reason}")
     if info["mask_multi_value_count"]:
@@ -222,7 +232,8 @@ def summary_text(info: dict, seconds: float) -> str:
 def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, val_split: float = 0.2,
                     shard_size: int = 1000, shard_bytes: float = 1e9, suffixes=DEFAULT_MASK_SUFFIXES,
                     workers: int | None = None, strict: bool = False, overwrite: bool = False,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, group_by: str | None = None, slice_axis: str = "axial",
+                    modality: str | None = None, empty_slice_fraction: float = 1.0) -> dict:
     """Validate image/mask pairs and write WebDataset shards plus ``dataset.json`` to ``out``.
 
     Args:
@@ -238,6 +249,10 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
         strict: any bad pair is an error (``PrepareError`` listing them).
         overwrite: replace shards/dataset.json/temporaries already in ``out``.
         progress: show progress (a bar on a terminal, lines in a log: seg.progress).
+        group_by: regex on the relative image path; its first group (else its match) is the
+            sample's group, and groups, not samples, are split between train and val.
+        slice_axis, modality, empty_slice_fraction: for NIfTI volumes only (see
+            ``seg.data.volume_prepare``); ``modality`` defaults to ``mri``.
 
     Returns:
         the ``dataset.json`` content.
@@ -250,18 +265,30 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
         pairs, problems = read_pairs_csv(pairs_csv, labelled=True)
         labelled = True
     elif images is not None:
-        pairs, problems = find_pairs(images, masks, tuple(suffixes))
+        pairs, problems = find_pairs(images, masks, tuple(suffixes), volumes=True)
         labelled = masks is not None
     else:
         raise PrepareError("nothing to prepare: pass --images (and --masks), or --pairs FILE.csv")
     if strict and problems:
         raise PrepareError(_strict_message(problems))
+    try:
+        volumes = input_kind(pairs, labelled, slice_axis, modality, empty_slice_fraction)
+        groups = split_groups(pairs, val_split, labelled, group_by) if group_by or volumes else None
+    except ValueError as exc:
+        raise PrepareError(str(exc)) from None
     out = Path(out)
     _prepare_out(out, overwrite)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    if volumes:
+        return prepare_volume_dataset(pairs, problems, labelled, out, val_split=val_split, shard_size=shard_size,
+                                      shard_bytes=shard_bytes, slice_axis=slice_axis, modality=modality or "mri",
+                                      empty_slice_fraction=empty_slice_fraction, group_by=group_by, workers=workers,
+                                      strict=strict, progress=progress, source=_source(images, masks, pairs_csv),
+                                      groups=groups)
     names = ("train", "val") if labelled else ("data",)
     series = {n: ShardSeries(out, n, shard_size, shard_bytes) for n in names}
     sizes, fg, multi = ([], []), [], 0
+    written_keys: list[str] = []
     s, ss, npix = {n: np.zeros(3) for n in names}, {n: np.zeros(3) for n in names}, dict.fromkeys(names, 0)
     try:
         bar = progress_bar(total=len(pairs), unit="pair", desc="prepare", disable=not progress)
@@ -271,6 +298,9 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
                 if isinstance(r, Problem):
                     problems.append(r)
                     continue
+                if groups is not None:  # the group's split, not the sample's
+                    r["meta"]["group"], r["split"] = groups[r["key"]]
+                    written_keys.append(r["key"])
                 sample = {"__key__": r["key"], f"image.{r['image_ext']}": r["image_bytes"],
                           "json": json.dumps(r["meta"]).encode("utf-8")}
                 if labelled:
@@ -300,9 +330,7 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
     std = np.sqrt(np.maximum(ss[stat_split] / n - mean**2, 0.0))
     info = {"format_version": FORMAT_VERSION, "labelled": labelled,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {"images": str(Path(images).resolve()) if images is not None and pairs_csv is None else None,
-                       "masks": str(Path(masks).resolve()) if masks is not None and pairs_csv is None else None,
-                       "pairs": str(Path(pairs_csv).resolve()) if pairs_csv is not None else None},
+            "source": _source(images, masks, pairs_csv),
             "splits": splits,
             "image_size": {"height": _stats(sizes[0]), "width": _stats(sizes[1])},
             "channels": {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "scale": "dtype max",
@@ -311,8 +339,16 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
             "mask_multi_value_count": int(multi), "val_split": val_split, "shard_size": shard_size,
             "shard_bytes": int(shard_bytes),
             "skipped": [p.as_dict() for p in problems]}
+    if groups is not None:
+        info["groups"] = groups_record({k: groups[k] for k in written_keys}, group_by, names)
     atomic_write_json(out / "dataset.json", info)
     return info
+
+
+def _source(images, masks, pairs_csv) -> dict:
+    return {"images": str(Path(images).resolve()) if images is not None and pairs_csv is None else None,
+            "masks": str(Path(masks).resolve()) if masks is not None and pairs_csv is None else None,
+            "pairs": str(Path(pairs_csv).resolve()) if pairs_csv is not None else None}
 
 
 def _strict_message(problems: list[Problem]) -> str:

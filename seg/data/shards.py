@@ -30,6 +30,9 @@ Design choices:
   Skipping is opt-in (``data.skip_bad_samples``: ``handler=SkipCounter()``): every yielded
   tuple carries how many bad samples this reader skipped just before it, so the count reaches
   the training process exactly through the DataLoader (``history.csv`` ``skipped_samples``).
+- Slices of NIfTI volumes (``KEY.image.npy``, raw intensities in the volume's dtype) are
+  decoded to float32 normalised with the statistics in the sample's JSON
+  (``seg.data.volume_prepare.npy_slice``); encoded images decode as before.
 """
 
 from __future__ import annotations
@@ -185,6 +188,8 @@ def check_enough_shards(n_shards: int, world_size: int, num_workers: int, what: 
 def decode_sample(sample: dict) -> dict:
     """A raw webdataset sample -> ``{"key", "image", "mask" (bool HxW | None), "meta"}``.
 
+    ``image`` is uint8/uint16 for encoded images, float32 (normalised) for volume slices.
+
     Errors are ``ShardSampleError`` naming the shard (``__url__``) and key.
     """
     key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
@@ -194,9 +199,14 @@ def decode_sample(sample: dict) -> dict:
         found = ", ".join(k for k in sample if not k.startswith("__"))
         raise ShardSampleError(f"{where}: expected one image.<ext> member, found {found or 'nothing'}")
     try:
-        image = decode_image(sample[image_fields[0]], f"{url}:{key}.{image_fields[0]}")
-        mask = decode_mask(sample["mask.png"], f"{url}:{key}.mask.png") if "mask.png" in sample else None
         meta = json.loads(sample["json"]) if "json" in sample else {}
+        if image_fields[0] == "image.npy":  # a volume slice: raw intensities + statistics in the JSON
+            from seg.data.volume_prepare import npy_slice
+
+            image = npy_slice(sample["image.npy"], meta, f"{url}:{key}.image.npy")
+        else:
+            image = decode_image(sample[image_fields[0]], f"{url}:{key}.{image_fields[0]}")
+        mask = decode_mask(sample["mask.png"], f"{url}:{key}.mask.png") if "mask.png" in sample else None
     except (ValueError, TypeError) as exc:  # ImageReadError and JSONDecodeError are ValueErrors
         raise ShardSampleError(f"{where}: {exc}") from exc
     if mask is not None and mask.shape != image.shape[:2]:

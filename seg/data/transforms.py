@@ -35,8 +35,18 @@ Design choices:
   the training process hands the transform to its DataLoader workers unbuilt, so the import and
   the build happen in the workers, in parallel with the model build (`seg train` start-up).
 
+- Slices of NIfTI volumes arrive as ``float32``, already normalised per volume
+  (``seg.data.volumes.normalize``: clipped z-scores). They skip the dtype scaling, and
+  dataset.json gives them mean 0 / std 1, so ``Normalize`` leaves them as they are. Their
+  intensity augmentation cannot be albumentations' brightness/contrast and noise, which clip
+  float images to [0, 1]: ``ZScoreIntensity`` does the same on the z-score scale (contrast
+  x0.8-1.2, shift +-0.2 SD, p=0.5; Gaussian noise of SD 0.05-0.2, p=0.2, about the 1-4% of the
+  clipped range that ``GaussNoise`` adds to 2D images). The geometric steps are the same, and
+  padding fills 0 (the volume's mean intensity). 2D images never reach this path.
+
 Shape:
-    input image ``HxW`` or ``HxWx3`` ``uint8``/``uint16``, mask ``bool HxW`` or ``None``;
+    input image ``HxW`` or ``HxWx3`` ``uint8``/``uint16`` (``float32`` for volume slices), mask
+    ``bool HxW`` or ``None``;
     output image ``float32 (C, S, S)``, mask ``float32 (1, S, S)`` in {0, 1} or ``None``
     (``S = image_size``; in patch-mode evaluation the padded native size).
 """
@@ -79,6 +89,9 @@ def channel_stats(mode: str, dataset_info: dict | None, in_channels: int) -> tup
     """
     if mode not in NORMALIZATION_MODES:
         raise ValueError(f"normalization={mode!r} is not valid; valid options are {', '.join(NORMALIZATION_MODES)}")
+    if mode == "imagenet" and (dataset_info or {}).get("kind") == "volumes":
+        raise ValueError("data.normalization=imagenet does not apply to NIfTI volume shards: their slices are "
+                         "normalised per volume by `seg prepare --modality`; use data.normalization=dataset")
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels={in_channels} is not valid; use 1 (grey) or 3 (RGB)")
     if mode == "none":
@@ -148,6 +161,7 @@ class SegTransform:
         lazy = callable(compose) and not hasattr(compose, "set_random_seed")
         self._build, self._compose = (compose, None) if lazy else (None, compose)
         self._seed = seed
+        self._float_compose = None  # volume slices' pipeline, built on the first float32 image
         self.in_channels = in_channels
         self.resize_to = resize_to
 
@@ -160,10 +174,20 @@ class SegTransform:
 
     def reseed(self, seed: int) -> None:
         """Reset the augmentation random state (see ``augmentation_seed``)."""
-        if self._compose is None:  # built later with this seed: the same state as set_random_seed
-            self._seed = int(seed)
-        else:
-            self._compose.set_random_seed(int(seed))
+        self._seed = int(seed)  # a pipeline built later starts in the state set_random_seed gives
+        for compose in (self._compose, self._float_compose):
+            if compose is not None:
+                compose.set_random_seed(int(seed))
+
+    def _pipeline(self, dtype) -> "A.Compose":
+        if dtype != np.float32:
+            return self.compose
+        if self._float_compose is None:
+            if self._build is None:
+                raise TypeError("float32 (volume slice) images need a transform from build_train_transform or "
+                                "build_eval_transform")
+            self._float_compose = self._build(self._seed, float_images=True)
+        return self._float_compose
 
     def _resize(self, image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         s = self.resize_to
@@ -175,16 +199,17 @@ class SegTransform:
         return resized, None if mask is None else cv2.resize(mask, (s, s), interpolation=cv2.INTER_NEAREST)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if image.dtype not in (np.uint8, np.uint16):
-            raise TypeError(f"image dtype {image.dtype} is not supported; expected uint8 or uint16")
+        if image.dtype not in (np.uint8, np.uint16, np.float32):
+            raise TypeError(f"image dtype {image.dtype} is not supported; expected uint8 or uint16 (or float32 "
+                            "normalised volume slices)")
         if mask is not None and mask.shape[:2] != image.shape[:2]:
             raise ValueError(f"mask shape {mask.shape[:2]} differs from image shape {image.shape[:2]}")
         mask_u8 = None if mask is None else (np.asarray(mask) > 0).astype(np.uint8)
         raw, mask_u8 = self._resize(to_model_channels(image, self.in_channels), mask_u8)
-        data = {"image": to_float01(raw)}
+        data = {"image": raw if raw.dtype == np.float32 else to_float01(raw)}
         if mask_u8 is not None:
             data["mask"] = mask_u8
-        out = self.compose(**data)
+        out = self._pipeline(raw.dtype)(**data)
         img = out["image"]
         if img.ndim == 2:
             img = img[..., None]
@@ -226,6 +251,47 @@ def augmentations() -> list["A.BasicTransform"]:
     ]
 
 
+@functools.lru_cache(maxsize=1)
+def _zscore_intensity_class() -> type:
+    import albumentations as A
+
+    class ZScoreIntensity(A.ImageOnlyTransform):
+        """Contrast and shift (probability ``contrast_p``), then Gaussian noise (``noise_p``) on
+        z-scored (volume) slices, never clipped."""
+
+        def __init__(self, contrast: float = 0.2, shift: float = 0.2, contrast_p: float = 0.5,
+                     noise_std=(0.05, 0.2), noise_p: float = 0.2, p: float = 1.0):
+            super().__init__(p=p)
+            self.contrast, self.shift, self.contrast_p = contrast, shift, contrast_p
+            self.noise_std, self.noise_p = tuple(noise_std), noise_p
+
+        def get_params(self) -> dict:
+            r = self.py_random
+            alpha, beta = 1.0, 0.0
+            if r.random() < self.contrast_p:
+                alpha, beta = r.uniform(1 - self.contrast, 1 + self.contrast), r.uniform(-self.shift, self.shift)
+            noise = r.uniform(*self.noise_std) if r.random() < self.noise_p else 0.0
+            return {"alpha": alpha, "beta": beta, "noise": noise}
+
+        def apply(self, img, alpha: float = 1.0, beta: float = 0.0, noise: float = 0.0, **params):
+            out = img * np.float32(alpha) + np.float32(beta)
+            if noise:
+                out = out + self.random_generator.normal(0.0, noise, img.shape).astype(np.float32)
+            return out.astype(np.float32, copy=False)
+
+        def get_transform_init_args_names(self) -> tuple[str, ...]:
+            return ("contrast", "shift", "contrast_p", "noise_std", "noise_p")
+
+    return ZScoreIntensity
+
+
+def volume_augmentations() -> list["A.BasicTransform"]:
+    """The training augmentations of volume slices: ``augmentations()``' geometric steps, then
+    ``ZScoreIntensity`` in place of brightness/contrast and noise (see the module docstring)."""
+    geometric = [t for t in augmentations() if type(t).__name__ not in ("RandomBrightnessContrast", "GaussNoise")]
+    return geometric + [_zscore_intensity_class()()]
+
+
 def build_train_transform(image_size: int, mean, std, in_channels: int = 3, sampling: str = "resize",
                           augment: bool = True, seed: int | None = None) -> SegTransform:
     """Training transform: sizing (resize, or pad + random crop), augmentations, normalisation.
@@ -245,14 +311,16 @@ def build_train_transform(image_size: int, mean, std, in_channels: int = 3, samp
     return SegTransform(build, in_channels, resize_to=image_size if sampling == "resize" else None, seed=seed)
 
 
-def _train_compose(image_size: int, mean, std, sampling: str, augment: bool, seed: int | None) -> "A.Compose":
+def _train_compose(image_size: int, mean, std, sampling: str, augment: bool, seed: int | None,
+                   float_images: bool = False) -> "A.Compose":
     import albumentations as A
 
     sizing = [] if sampling == "resize" else [
         A.PadIfNeeded(min_height=image_size, min_width=image_size, position="center",
                       border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
         A.RandomCrop(image_size, image_size)]
-    steps = sizing + (augmentations() if augment else []) + [_normalize(mean, std)]
+    augment_steps = (volume_augmentations() if float_images else augmentations()) if augment else []
+    steps = sizing + augment_steps + [_normalize(mean, std)]
     return A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST, seed=seed)
 
 
@@ -270,7 +338,7 @@ def build_eval_transform(image_size: int, mean, std, in_channels: int = 3, sampl
     return SegTransform(build, in_channels, resize_to=image_size if sampling == "resize" else None, seed=0)
 
 
-def _eval_compose(mean, std, sampling: str, seed: int | None) -> "A.Compose":
+def _eval_compose(mean, std, sampling: str, seed: int | None, float_images: bool = False) -> "A.Compose":
     import albumentations as A
 
     sizing = [] if sampling == "resize" else [

@@ -103,7 +103,9 @@ def sample_predictions(samples: list[Thumbnail], report: dict, path: Path) -> Pa
     if not samples:
         axes[0, 0].text(0.5, 0.5, "no images", ha="center", va="center")
     thr = report["threshold"]
-    fig.suptitle(f"Sample predictions: the first {len(samples)} images by id"
+    which = ("axial slices at the middle, then the quarters, of the first volumes" if "per_volume" in report
+             else "the first {} images by id".format(len(samples)))  # volumes: see seg.evaluation.volumes
+    fig.suptitle(f"Sample predictions: {which}"
                  + (f" (threshold {thr:g})" if thr is not None else "")
                  + ("" if with_image else " -- no --image_dir given, errors drawn on black"), fontsize=12)
     fig.legend(handles=LEGEND, loc="lower center", ncols=3, fontsize=9, frameon=False)

@@ -24,6 +24,9 @@ from seg.fileio import atomic_write_json, atomic_write_text
 from seg.metrics import COUNT_NAMES, METRIC_NAMES
 
 REPORT_KEYS = ("n_images", "threshold", "global", "mean", "std", "empty_policy", "per_image")
+# NIfTI volumes add per-volume 3D metrics (seg.evaluation.surface.summarize_volumes)
+VOLUME_KEYS = ("n_volumes", "surface_tolerance_mm", "volume_global", "volume_mean", "volume_std", "hd95_undefined",
+               "distance_policy", "per_volume")
 
 
 def build_report(summary: dict, sweep: dict | None) -> dict:
@@ -31,6 +34,7 @@ def build_report(summary: dict, sweep: dict | None) -> dict:
     missing = [k for k in REPORT_KEYS if k not in summary]
     assert not missing, f"summary lacks {missing}"
     report = {k: summary[k] for k in REPORT_KEYS}
+    report.update({k: summary[k] for k in VOLUME_KEYS if k in summary})
     if sweep is not None:
         report["best_threshold"] = dict(sweep["best"])
     return report
@@ -85,6 +89,10 @@ def format_text(report: dict, sweep: dict | None, source: str, worst: list[tuple
             mark = "  <- best" if t == best["threshold"] else ""
             lines.append(f"  {t:>9.2f}{sweep['dice'][i]:>9.4f}{sweep['iou'][i]:>9.4f}"
                          f"{sweep['precision'][i]:>11.4f}{sweep['recall'][i]:>9.4f}{sweep['mean_dice'][i]:>11.4f}{mark}")
+    if "per_volume" in report:
+        from seg.evaluation.volumes import format_volume_text
+
+        lines += format_volume_text(report)
     if worst:
         lines += ["", f"lowest-Dice images ({len(worst)}):"]
         lines += [f"  {dice:.4f}  {key}" for key, dice in worst]

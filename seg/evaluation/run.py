@@ -11,6 +11,8 @@ Design choices:
   sweeps 0.05 ... 0.95 on the same maps.
 - Every output file is written atomically (``seg.fileio``); temporaries left by a crashed run
   are removed first.
+- A ``--gt_dir`` of NIfTI volumes is scored by ``seg.evaluation.volumes`` (per-volume 3D
+  metrics as new report keys, the slices through the same scorer).
 """
 
 from __future__ import annotations
@@ -94,13 +96,42 @@ def _run(score, scores: RankScores, env: DistEnv, cfg: EvaluateConfig) -> Evalua
 def evaluate_masks(cfg: EvaluateConfig, env: DistEnv) -> tuple[Evaluation | None, str]:
     """Score existing masks (``--pred_dir``/``--gt_dir``); (evaluation on rank 0 else None, description)."""
     from seg.evaluation.pairing import pair_masks
+    from seg.evaluation.volumes import holds_volumes
 
+    if holds_volumes(cfg.gt_dir):
+        return evaluate_volume_masks(cfg, env)
     pairs, ignored = pair_masks(cfg.pred_dir, cfg.gt_dir, cfg.image_dir)
     source = MaskPairs(pairs, cfg.gt_dir, cfg.pred_dir)
     if ignored and env.is_main:
         print(f"note: {ignored} file(s) in --pred_dir {cfg.pred_dir} have no truth in --gt_dir and are not scored")
     scores = RankScores(threshold=None, sweep=False, worst_k=cfg.worst_k, num_samples=cfg.num_samples)
     return _run(lambda: _score_masks(source, scores, env, cfg), scores, env, cfg), source.description
+
+
+def evaluate_volume_masks(cfg: EvaluateConfig, env: DistEnv) -> tuple[Evaluation | None, str]:
+    """Score NIfTI mask volumes: the slices as images, plus the per-volume report keys."""
+    from seg.evaluation.volumes import VolumePairs, pair_volume_masks, volume_report_keys
+
+    pairs, ignored = pair_volume_masks(cfg.pred_dir, cfg.gt_dir, cfg.image_dir)
+    source = VolumePairs(pairs, cfg.gt_dir, cfg.pred_dir, cfg.tolerance_mm)
+    if ignored and env.is_main:
+        print(f"note: {ignored} volume(s) in --pred_dir {cfg.pred_dir} have no truth in --gt_dir and are not scored")
+    scores = RankScores(threshold=None, sweep=False, worst_k=cfg.worst_k, num_samples=cfg.num_samples)
+    error = None
+    try:
+        _score_masks(source, scores, env, cfg)
+    except (ValueError, OSError) as exc:
+        if not env.is_distributed:
+            raise
+        error = str(exc)
+    errors = shared_errors(error, env)  # before the volume gather: every rank stops, or none
+    if errors:
+        raise EvaluationError("evaluation failed:\n  " + "\n  ".join(errors))
+    per_volume = gather_payloads(source.results, env)
+    evaluation = _finish(scores, None, env, cfg)
+    if evaluation is not None:
+        evaluation.report.update(volume_report_keys(per_volume, cfg.tolerance_mm))
+    return evaluation, source.description
 
 
 def evaluate_model(cfg: EvaluateConfig, env: DistEnv) -> tuple[Evaluation | None, str]:
@@ -138,4 +169,8 @@ def write_outputs(evaluation: Evaluation, source: str, output_dir: Path) -> dict
     }
     if evaluation.sweep is not None:
         out["threshold_sweep"] = plots.threshold_sweep(evaluation.sweep, doc, output_dir / "threshold_sweep.png")
+    if "per_volume" in doc:
+        from seg.evaluation.volumes import volume_metrics_plot
+
+        out["volume_metrics"] = volume_metrics_plot(doc, output_dir / "volume_metrics.png")
     return out

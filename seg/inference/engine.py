@@ -35,6 +35,9 @@ Design choices:
 - ``tta=True`` averages the probabilities of the image and its horizontal, vertical and double
   flips (4 forwards per image).
 - torch is imported here, not by the CLI entry, so ``seg predict --help`` stays fast.
+- Checkpoints trained on NIfTI volume slices carry ``preprocess["volume"]`` (slice axis,
+  normalisation); the ``Preprocessor`` carries it to the decoding processes
+  (``seg.inference.volumes``), whose slices arrive as normalised float32, scale 1.
 """
 
 from __future__ import annotations
@@ -141,8 +144,9 @@ class Preprocessor:
         mean, std: per-channel statistics on the [0, 1] scale.
     """
 
-    def __init__(self, mode: str, image_size: int, in_channels: int, mean, std):
+    def __init__(self, mode: str, image_size: int, in_channels: int, mean, std, volume: dict | None = None):
         self.mode, self.image_size, self.in_channels = mode, int(image_size), int(in_channels)
+        self.volume = volume  # checkpoint preprocess["volume"]: slice axis and normalisation, or None
         self.mean = np.asarray(mean, np.float32).reshape(-1)
         self.std = np.asarray(std, np.float32).reshape(-1)
         if self.mean.size != self.in_channels or self.std.size != self.in_channels:
@@ -200,7 +204,7 @@ class Predictor:
         self.threshold = float(ckpt.get("threshold", 0.5) if options.threshold is None else options.threshold)
         self.batch_size, self.tta = int(options.batch_size), bool(options.tta)
         self.preprocessor = Preprocessor(self.mode, self.image_size, self.in_channels,
-                                         self.preprocess["mean"], self.preprocess["std"])
+                                         self.preprocess["mean"], self.preprocess["std"], self.preprocess.get("volume"))
         self.device = resolve_device(options.device)
         self.precision = resolve_precision(options.precision, self.device.type)
         self.autocast_dtype = autocast_dtype(self.precision)
@@ -212,17 +216,18 @@ class Predictor:
     # ---- CPU side: delegated to the picklable Preprocessor (DataLoader workers use it) --------
     def normalise(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Prepared raw pixels -> the network input on the device: scaled to [0, 1] by the dtype
-        maximum (255 or 65535), then the checkpoint's mean/std. The one normalisation of prediction.
+        maximum (255 or 65535; float32 volume slices, already normalised per volume, by 1), then
+        the checkpoint's mean/std. The one normalisation of prediction.
 
         ``channels_last`` comes free: the NHWC pixels permuted to NCHW are channels-last.
 
         Shape:
-            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 -> ``(N, C, H, W)`` float32.
+            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16/float32 -> ``(N, C, H, W)`` float32.
         """
         x = torch.as_tensor(raw)
-        if x.dtype not in (torch.uint8, torch.uint16):
-            raise TypeError(f"expected uint8 or uint16 pixels, got {x.dtype}")
-        scale = 255.0 if x.dtype == torch.uint8 else 65535.0
+        scale = {torch.uint8: 255.0, torch.uint16: 65535.0, torch.float32: 1.0}.get(x.dtype)
+        if scale is None:
+            raise TypeError(f"expected uint8 or uint16 pixels (float32 volume slices), got {x.dtype}")
         x = x.to(self.device, non_blocking=True)
         x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
         return (x.float() / scale - self._mean) / self._std
@@ -250,7 +255,8 @@ class Predictor:
         """Probabilities for a batch of prepared raw images (``normalise``, then ``forward``).
 
         Shape:
-            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 (one dtype) -> ``(N, H, W)`` float32.
+            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 (float32 for volume slices; one dtype)
+            -> ``(N, H, W)`` float32.
         """
         x = torch.as_tensor(raw)
         out = []

@@ -15,6 +15,9 @@ Design choices:
 - Output names come only from ``safe_relative``: the path is normalised (``a/../b`` is ``b``),
   then the ``..`` left at its start, drive letters and leading ``/`` are dropped, backslashes are separators, so no input name can write outside
   ``--output_dir``. Two inputs that map to the same output name are an error naming both.
+- NIfTI volumes (``.nii``, ``.nii.gz``) are inputs like images; the whole ``.nii.gz`` is
+  removed from the output stem, and each volume is a unit of its own (its slices are batched
+  through the model and its mask volume is one output, one manifest record).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seg.data.io import IMAGE_EXTENSIONS
+from seg.data.volumes import VOLUME_EXTENSIONS, is_volume_name, split_volume_name
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ def safe_relative(name: str) -> str:
 def output_stem(rel_path: str) -> str:
     """Sanitised relative path without the extension: ``a/../b/x.png`` -> ``b/x``."""
     safe = safe_relative(rel_path)
+    if is_volume_name(safe):
+        return split_volume_name(safe)[0]
     head, _, name = safe.rpartition("/")
     dot = name.rfind(".")  # pathlib's suffix rule, without two PurePosixPath objects per input
     if 0 < dot < len(name) - 1:
@@ -76,7 +82,8 @@ def output_stem(rel_path: str) -> str:
 
 
 def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+    """An image or a NIfTI volume file name (hidden files excluded)."""
+    return (os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS or is_volume_name(name)) and not name.startswith(".")
 
 
 def list_folder(root: str | Path, exclude: str | Path | None = None) -> list[tuple[str, str]]:
@@ -158,15 +165,23 @@ def expand_shards(pattern: str) -> list[str]:
 
 
 def file_units(found: list[tuple[str, str]], unit_size: int) -> list[Unit]:
-    """Chunks of ``unit_size`` consecutive inputs (sorted by output stem)."""
+    """Chunks of ``unit_size`` consecutive inputs (sorted by output stem); a volume is a unit alone."""
     if unit_size < 1:
         raise ValueError(f"--unit_size {unit_size} is not valid; it must be >= 1 (e.g. 256)")
-    units = []
-    for i in range(0, len(found), unit_size):
-        chunk = found[i:i + unit_size]
-        units.append(Unit(len(units), f"files-{len(units):06d}", "files",
-                          tuple(p for p, _ in chunk), tuple(s for _, s in chunk)))
-    return units
+    chunks, chunk = [], []
+    for item in found:
+        if is_volume_name(item[0]):
+            chunks += [chunk] if chunk else []
+            chunks.append([item])
+            chunk = []
+            continue
+        chunk.append(item)
+        if len(chunk) == unit_size:
+            chunks.append(chunk)
+            chunk = []
+    chunks += [chunk] if chunk else []
+    return [Unit(i, f"files-{i:06d}", "files", tuple(p for p, _ in c), tuple(s for _, s in c))
+            for i, c in enumerate(chunks)]
 
 
 def shard_units(shards: list[str]) -> list[Unit]:
@@ -189,7 +204,7 @@ def build_units(image_dir: str | None = None, list_path: str | None = None, shar
         return shard_units(expand_shards(shards))
     found = list_folder(image_dir, exclude) if image_dir else list_file(list_path)
     if not found:
-        raise ValueError(f"--image_dir {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"--image_dir {image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS + VOLUME_EXTENSIONS)})")
     return file_units(found, unit_size)
 
 

@@ -19,8 +19,12 @@ Design choices:
   are requested; masks in labelled shards are ignored (prediction does not need
   them). Batches are formed in the main process (``batch_size=None`` here), so end-of-unit
   markers are never held back inside a batch.
-- Each worker process runs with one torch and one OpenCV thread: parallelism comes from the
-  processes, and the main process keeps its cores for the model.
+- Each worker process runs with one torch and one OpenCV thread (forked inside
+  ``seg.data.io.opencv_threads(1)``): parallelism comes from the processes, and the main
+  process keeps its cores for the model.
+- A NIfTI volume becomes one ``Item`` per slice (``slice = (axis, index, count)``, see
+  ``seg.inference.volumes``); an unreadable volume is one ``Failure``. ``UnitEnd.items``
+  counts items, so slices.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch.utils.data
 
-from seg.data.io import read_image
+from seg.data.io import opencv_threads, read_image
+from seg.data.volumes import is_volume_name
 from seg.inference.engine import Preprocessor
 from seg.inference.inputs import Unit, output_stem
 
@@ -42,6 +47,7 @@ class Item(NamedTuple):
     x: np.ndarray | torch.Tensor  # prepared raw pixels (Preprocessor.prepare), uint8/uint16
     size: tuple[int, int]  # original (H, W)
     image: np.ndarray | None  # original image, only for overlays
+    slice: tuple[int, int, int] | None = None  # (axis, index, count) of a volume's slice
 
 
 class Chunk(NamedTuple):
@@ -52,10 +58,12 @@ class Chunk(NamedTuple):
     x: torch.Tensor  # (n, ...) prepared pixels
     sizes: tuple[tuple[int, int], ...]
     images: tuple[np.ndarray | None, ...]
+    slices: tuple[tuple[int, int, int] | None, ...] = ()
 
     def items(self) -> Iterator[Item]:
         for i, source in enumerate(self.sources):
-            yield Item(self.unit, source, self.rels[i], self.x[i], self.sizes[i], self.images[i])
+            yield Item(self.unit, source, self.rels[i], self.x[i], self.sizes[i], self.images[i],
+                       self.slices[i] if self.slices else None)
 
 
 class Failure(NamedTuple):
@@ -91,7 +99,7 @@ class UnitStream(torch.utils.data.IterableDataset):
     def _stack(items: list[Item]) -> Chunk:
         return Chunk(items[0].unit, tuple(i.source for i in items), tuple(i.rel for i in items),
                      torch.from_numpy(np.stack([i.x for i in items])), tuple(i.size for i in items),
-                     tuple(i.image for i in items))
+                     tuple(i.image for i in items), tuple(i.slice for i in items))
 
     def _chunked(self, records: Iterator) -> Iterator:
         """Items grouped into ``Chunk``s of up to ``self.chunk`` (one IPC message each, not one per
@@ -113,27 +121,36 @@ class UnitStream(torch.utils.data.IterableDataset):
             yield rec
 
     def _records(self, unit: Unit, attempts: Iterator) -> Iterator:
-        """An ``Item`` or a ``Failure`` per ``(source, load)`` of ``attempts``, then the unit's end.
+        """The ``Item``s or a ``Failure`` per ``(source, load)`` of ``attempts``, then the unit's end.
 
-        ``load()`` returns the item or raises (ImageReadError, ShardSampleError and
+        ``load()`` returns an item, or a list of items (a volume's slices, read whole so that a
+        bad file fails before any slice), or raises (ImageReadError, ShardSampleError and
         ShardReadError are ValueErrors): the input is recorded as failed and the unit goes on.
         """
         done = failed = 0
         for source, load in attempts:
             try:
-                item = load()
+                loaded = load()
             except (ValueError, OSError) as exc:
                 failed += 1
                 yield Failure(unit.index, source, str(exc))
                 continue
-            done += 1
-            yield item
+            items = loaded if isinstance(loaded, list) else [loaded]
+            done += len(items)
+            yield from items
         yield UnitEnd(unit.index, done, failed)
+
+    def _volume(self, unit: Unit, source: str, rel: str) -> list[Item]:
+        from seg.inference.volumes import volume_slices
+
+        return [Item(unit.index, source, rel, x, size, None, where) for where, x, size in volume_slices(source, self.pre)]
 
     def _file_attempts(self, unit: Unit) -> Iterator:
         for source, rel in zip(unit.sources, unit.rels):
-            yield source, lambda source=source, rel=rel: self._item(unit, source, rel, read_image(source))
-
+            if is_volume_name(source):
+                yield source, lambda source=source, rel=rel: self._volume(unit, source, rel)
+            else:
+                yield source, lambda source=source, rel=rel: self._item(unit, source, rel, read_image(source))
     def _shard_attempts(self, unit: Unit) -> Iterator:
         """One attempt per sample; a shard that breaks (or ends short) is one last failed attempt."""
         from seg.data.shards import decode_sample, listed_counts, shard_samples
@@ -168,10 +185,7 @@ def _raise(exc: Exception):
 
 
 def _worker_init(_: int) -> None:
-    import cv2
-
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
+    torch.set_num_threads(1)  # OpenCV's single thread is inherited: see record_loader
 
 
 def _identity(record):
@@ -188,6 +202,7 @@ def record_loader(stream: UnitStream, num_workers: int = 2, prefetch: int = 4):
     workers = max(0, min(num_workers, len(stream.units)))
     if workers == 0:
         return iter(())
-    return iter(torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, prefetch_factor=prefetch,
-        worker_init_fn=_worker_init, collate_fn=_identity, persistent_workers=False))
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=prefetch,
+                                         worker_init_fn=_worker_init, collate_fn=_identity, persistent_workers=False)
+    with opencv_threads(1):  # the workers are forked here and keep one OpenCV thread (seg.data.io)
+        return iter(loader)

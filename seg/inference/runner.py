@@ -32,6 +32,7 @@ from seg.inference.engine import Predictor
 from seg.inference.inputs import Unit, units_for_worker
 from seg.inference.loader import Chunk, Failure, Item, UnitEnd, UnitStream, record_loader
 from seg.inference.manifest import FAILURES, MANIFEST, append_lines, check_model, check_unit_inputs, read_manifest
+from seg.inference.volumes import output_names
 from seg.inference.writers import UnitSink, Writers
 
 
@@ -125,7 +126,7 @@ class CohortRun:
         images = sorted((r for f in state.futures for r in f.result()), key=lambda r: r["input"])
         tar = state.sink.close()
         suffixes = ["_mask.png"] + ["_overlay.png"] * self.cfg.save_overlay + ["_prob.png"] * self.cfg.save_probability
-        names = [tar] if tar else [i["output"][: -len("_mask.png")] + s for i in images for s in suffixes]
+        names = [tar] if tar else [n for i in images for n in output_names(i["output"], suffixes)]
         remove_unit_temporaries(self.out_dir, names, self._temporaries)
         unit = state.unit
         failed = [{"input": s, "reason": r} for s, r in state.failures]
@@ -159,7 +160,8 @@ class CohortRun:
             if end == len(pending) or pending[end].unit != pending[start].unit:
                 state = self._state(pending[start].unit)
                 state.futures.append(writers.submit_many(state.sink, [
-                    (it.source, it.rel, prob, it.size, it.image) for it, prob in zip(pending[start:end], probs[start:end])]))
+                    (it.source, it.rel, prob, it.size, it.image, it.slice)
+                    for it, prob in zip(pending[start:end], probs[start:end])]))
                 state.submitted += end - start
                 start = end
         pending.clear()
@@ -184,7 +186,8 @@ class CohortRun:
                 self.first_batch_start_s = process_age()
             prob = self.p.predict_tiled(item.x.numpy())
             self._mark_first_batch()
-            state.futures.append(writers.submit(state.sink, item.source, item.rel, prob, item.size, item.image))
+            state.futures.append(writers.submit(state.sink, item.source, item.rel, prob, item.size, item.image,
+                                                item.slice))
             state.submitted += 1
             return
         if pending and pending[0].x.dtype != item.x.dtype:  # 8- and 16-bit scale differently

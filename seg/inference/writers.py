@@ -17,6 +17,10 @@ Design choices:
   the files. ``--format tar``: one ``{unit_id}.tar`` per unit holding the same member names,
   written under a temporary name and renamed when the unit is complete, then fsync'ed: for
   cohorts where millions of small files would exhaust a file system's inodes.
+- A slice of a NIfTI volume (an item with ``slice`` set) is resized back and thresholded the
+  same way, then handed to the unit's ``VolumeAssembler`` (``seg.inference.volumes``), which
+  writes ``{stem}_mask.nii.gz`` through the sink when the volume's last slice is in; only that
+  job returns a record (the volume's), the others none.
 - PNG files are not fsync'ed one by one (that would cost more than encoding them); the rename
   protects against process kills and preemption. Against a machine crash, ``--format tar`` (one
   fsync'ed file per unit) is the safe choice.
@@ -121,6 +125,17 @@ class UnitSink:
         self._tar: tarfile.TarFile | None = None
         self._token = f"{os.getpid()}-{secrets.token_hex(4)}-"
         self._count = itertools.count()
+        self._volumes = None  # VolumeAssembler, made for the first volume slice
+
+    @property
+    def volumes(self):
+        """This unit's ``seg.inference.volumes.VolumeAssembler``."""
+        with self.lock:
+            if self._volumes is None:
+                from seg.inference.volumes import VolumeAssembler
+
+                self._volumes = VolumeAssembler()
+            return self._volumes
 
     def write(self, name: str, data: bytes) -> None:
         if self.fmt == "png":
@@ -187,8 +202,10 @@ class Writers:
             self.room.notify_all()
 
     def _one(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
-             image: np.ndarray | None) -> dict:
+             image: np.ndarray | None, slice: tuple[int, int, int] | None = None) -> dict | None:
         prob = Predictor.restore(prob, size)
+        if slice is not None:  # a volume's slice: the volume's record once its last slice is in
+            return sink.volumes.add(sink, source, rel, slice, prob > self.threshold)
         image = image.numpy() if hasattr(image, "numpy") else image
         files, fg = encode_outputs(prob, self.threshold, image, self.overlay, self.probability)
         for suffix, data in files.items():
@@ -196,7 +213,7 @@ class Writers:
         return {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}
 
     def _job(self, sink: UnitSink, items: list[tuple]) -> list[dict]:
-        return [self._one(sink, *item) for item in items]
+        return [r for r in (self._one(sink, *item) for item in items) if r is not None]
 
     def submit_many(self, sink: UnitSink, items: list[tuple]) -> Future:
         """Queue the outputs of several images of one unit as one job (one thread handoff, one
@@ -204,7 +221,7 @@ class Writers:
         blocks while ``max_pending`` images are in flight. The future's result is one record per item.
 
         Args:
-            items: ``(source, rel, prob, size, image)`` tuples, as ``submit`` takes them.
+            items: ``(source, rel, prob, size, image[, slice])`` tuples, as ``submit`` takes them.
         """
         items = list(items)
         n = len(items)
@@ -218,14 +235,14 @@ class Writers:
         return future
 
     def submit(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
-               image: np.ndarray | None = None) -> Future:
+               image: np.ndarray | None = None, slice: tuple[int, int, int] | None = None) -> Future:
         """Queue one image's outputs (a job of one; see ``submit_many``). The future's result is a
         list holding the image's record.
 
         Shape:
             prob: ``(h, w)`` float32 at the network's size (resized back to ``size`` here).
         """
-        return self.submit_many(sink, [(source, rel, prob, size, image)])
+        return self.submit_many(sink, [(source, rel, prob, size, image, slice)])
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

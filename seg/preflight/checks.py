@@ -96,7 +96,7 @@ def check_pairs(images: str, masks: str | None) -> list[Check]:
         return [Check("fail", "pairs", f"--images {images} is not a folder", "give the folder of the images")]
     if masks is not None and not Path(masks).is_dir():
         return [Check("fail", "pairs", f"--masks {masks} is not a folder", "give the folder of the masks")]
-    pairs, problems = find_pairs(images, masks)
+    pairs, problems = find_pairs(images, masks, volumes=True)
     if not pairs:
         return [Check("fail", "pairs", f"no usable pair in {images} (+ {masks}): {len(problems)} problem(s)",
                       problems[0].detail if problems else "put images (jpg/png/tif/bmp) under --images")]

@@ -44,6 +44,7 @@ from seg.config import Config
 from seg.data.shards import (SkipCounter, check_enough_shards, decode_and_transform, load_dataset_info,
                              read_shards, shard_counts, shard_pipeline, shard_urls)
 from seg.data.transforms import augmentation_seed, build_eval_transform, build_train_transform, channel_stats
+from seg.data.volume_prepare import volume_preprocess
 
 
 class DataSpec:
@@ -75,6 +76,7 @@ class DataSpec:
         self.preprocess = {"image_size": d.image_size, "in_channels": d.in_channels,
                            "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
                            "sampling": d.sampling}
+        self.preprocess.update(volume_preprocess(self.info))  # NIfTI volumes: slice axis, normalisation
 
 
 @dataclass(frozen=True)
