@@ -13,7 +13,8 @@ Examples::
 Writes to ``--output_dir``: evaluation_report.json (DESIGN.md keys; model mode adds
 ``best_threshold``), evaluation_report.txt, confusion_matrix.png, metrics_distribution.png,
 metrics_summary.png, sample_predictions.png, worst_cases.png, and in model mode
-threshold_sweep.png. ``threshold`` in the JSON is the probability threshold applied to the model
+threshold_sweep.png; where QC exists (model mode, or a ``seg predict`` folder as --pred_dir) the
+JSON's ``qc`` key and qc_vs_dice.png; and report.html (``seg.reporting``). ``threshold`` in the JSON is the probability threshold applied to the model
 (the checkpoint's, or ``--threshold``); with ``--pred_dir`` predictions are binary masks (any
 value > 0 is foreground) and it is ``null``. ``best_threshold`` (model mode only) is the threshold
 of 0.05, 0.10, ..., 0.95 with the highest global Dice: ``{"threshold": t, "dice": d}``.
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seg evaluate: error: {problem}", file=sys.stderr)
         return 2
     from seg.dist import read_dist_env
-    from seg.evaluation.run import EvaluationError, Options, evaluate_masks, evaluate_model, write_outputs
+    from seg.evaluation.run import EvaluationError, Options, evaluate_masks, evaluate_model, read_report, write_outputs
     from seg.evaluation.scoring import init_process_group
 
     env = read_dist_env()
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 batch_size=args.batch_size, tta=args.tta, tile_size=args.tile_size)
         if evaluation is not None:
             outputs = write_outputs(evaluation, source, opts.output_dir)
+            from seg.reporting.hooks import evaluation_report  # report.html (seg.reporting)
+
+            outputs["html"] = evaluation_report(read_report(opts.output_dir), opts.output_dir, source, args.pred_dir)
             print(summary(evaluation, outputs, time.perf_counter() - start))
     except (EvaluationError, ValueError, OSError) as exc:
         if env.is_main or not isinstance(exc, EvaluationError):  # shared errors are printed once

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no_progress", action="store_true", help="no progress bar")
     a("--summarize", metavar="OUT", help="merge and validate OUT/manifest.jsonl, print the cohort summary")
     a("--json", action="store_true", help="print the summary as JSON")
+    # quality control (seg.inference.qc, seg.reporting)
+    a("--no_qc", action="store_true", help="no per-image quality control (qc in manifest.jsonl, qc/ tables)")
+    a("--no_report", action="store_true", help="with --summarize: do not write OUT/report.html")
+    a("--report_worst", type=int, default=100, help="with --summarize: lowest-qc_score images shown in report.html")
     return p
 
 
@@ -77,7 +81,10 @@ def _summarize(args) -> int:
     from seg.inference.manifest import format_summary, summarize
 
     summary = summarize(Path(args.summarize))
-    print(json.dumps(summary) if args.json else format_summary(summary))
+    from seg.reporting.hooks import after_summarize  # qc.csv merge and report.html
+
+    summary.update(after_summarize(Path(args.summarize), not args.no_report, args.report_worst))
+    print(json.dumps(summary) if args.json else "\n".join([format_summary(summary), *summary["qc_notes"]]))
     if summary["problems"]:
         return 1
     return EXIT_FAILED_INPUTS if summary["failures"] else 0
@@ -112,8 +119,14 @@ def _cohort(args, predictor, out_dir) -> int:
     opts = RunOptions(out_dir=out_dir, fmt=args.format, overlay=args.save_overlay,
                       probability=args.save_probability or args.show_probability,
                       loader_workers=args.num_workers, writer_threads=args.writer_threads,
-                      overwrite=args.overwrite, progress=not args.no_progress, position=read_dist_env().local_rank)
+                      overwrite=args.overwrite, progress=not args.no_progress, position=read_dist_env().local_rank,
+                      qc=not args.no_qc)
     s = CohortRun(predictor, units, worker, num_workers, opts).run()
+    from seg.reporting.cohort import write_prediction_info  # prediction.json (after run(): its model check)
+
+    write_prediction_info(out_dir, predictor, {"format": args.format, "tta": args.tta, "qc": not args.no_qc,
+                                               "unit_size": args.unit_size, "batch_size": args.batch_size,
+                                               "num_workers": num_workers})
     first = (f"; first batch in the model {s['first_batch_start_s']:.2f} s after start, done at "
              f"{s['first_batch_s']:.2f} s") if s["first_batch_s"] is not None else ""
     if s["steady_images_per_s"] is not None:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from seg.data.io import ImageReadError, check_same_size, decode_image, decode_mask_info, encode_mask_png
 from seg.data.io import read_bytes, to_float01
 from seg.data.pairing import DEFAULT_MASK_SUFFIXES, Pair, Problem, find_pairs, read_pairs_csv, split_of
+from seg.data.qc_reference import build_reference, mask_stats
 from seg.fileio import atomic_write_json, is_temporary, temporary_name
 
 FORMAT_VERSION = 1
@@ -74,6 +75,7 @@ def _validate(pair: Pair, val_split: float, labelled: bool) -> dict | Problem:
             mask, n_values = decode_mask_info(read_bytes(pair.mask), str(pair.mask))
             check_same_size(image, mask, str(pair.image), str(pair.mask))
             meta["foreground_fraction"] = float(mask.mean())
+            out["mask_stats"] = mask_stats(mask)  # for the QC reference (seg.data.qc_reference)
             out["mask_png"] = encode_mask_png(mask)
             out["multi_value"] = n_values > 2
     except ImageReadError as exc:
@@ -269,6 +271,7 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
     names = ("train", "val") if labelled else ("data",)
     series = {n: ShardSeries(out, n, shard_size, shard_bytes) for n in names}
     sizes, fg, multi = ([], []), [], 0
+    qc_stats: dict[str, list] = {n: [] for n in names}
     s, ss, npix = {n: np.zeros(3) for n in names}, {n: np.zeros(3) for n in names}, dict.fromkeys(names, 0)
     try:
         bar = tqdm(total=len(pairs), unit="pair", desc="prepare", disable=not progress)
@@ -284,6 +287,7 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
                     sample["mask.png"] = r["mask_png"]
                     fg.append(r["meta"]["foreground_fraction"])
                     multi += r["multi_value"]
+                    qc_stats[r["split"]].append(r["mask_stats"])
                 series[r["split"]].write(sample)
                 sizes[0].append(r["meta"]["height"])
                 sizes[1].append(r["meta"]["width"])
@@ -318,6 +322,8 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
             "mask_multi_value_count": int(multi), "val_split": val_split, "shard_size": shard_size,
             "shard_bytes": int(shard_bytes),
             "skipped": [p.as_dict() for p in problems]}
+    if labelled:  # the training masks' distribution, for prediction QC (seg.inference.qc)
+        info["qc_reference"] = build_reference(qc_stats[stat_split], stat_split)
     atomic_write_json(out / "dataset.json", info)
     return info
 

@@ -32,7 +32,8 @@ Design choices:
   picks bf16 where the device supports it (CUDA with bf16, or a CPU whose oneDNN has bf16
   kernels), fp16 on older CUDA GPUs, fp32 otherwise. Outputs are always float32 probabilities.
 - ``tta=True`` averages the probabilities of the image and its horizontal, vertical and double
-  flips (4 forwards per image).
+  flips (4 forwards per image), and records the flips' agreement for QC (``seg.inference.tta``;
+  read with ``pop_flip_dice``).
 - torch is imported here, not by the CLI entry, so ``seg predict --help`` stays fast.
 """
 
@@ -48,6 +49,7 @@ import torch
 from seg.checkpoint import file_sha256, load_checkpoint
 from seg.model import build_model
 from seg.inference.tiling import predict_tiled
+from seg.inference.tta import flip_average
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -246,6 +248,15 @@ class Predictor:
         self.autocast_dtype = resolve_precision(precision, self.device)
         model = cast_for_autocast(fold_batchnorm(build_from_checkpoint(ckpt)).to(self.device), self.autocast_dtype)
         self.model = model.to(memory_format=torch.channels_last).eval()
+        self._flip_dice: list[np.ndarray] = []
+
+    def pop_flip_dice(self) -> np.ndarray | None:
+        """Flip agreement (``seg.inference.tta``) of every network input forwarded since the last
+        call, in order, and forget it; None without TTA. Shape: ``(N,)`` float32."""
+        if not self.tta:
+            return None
+        values, self._flip_dice = self._flip_dice, []
+        return np.concatenate(values) if values else np.zeros(0, np.float32)
 
     # ---- CPU side: delegated to the picklable Preprocessor (DataLoader workers use it) --------
     def normalise(self, raw: np.ndarray) -> np.ndarray:
@@ -307,11 +318,8 @@ class Predictor:
                 x = x_all[i:i + self.batch_size].to(self.device, non_blocking=True)
                 x = x.contiguous(memory_format=torch.channels_last)  # no copy when already so
                 if self.tta:
-                    prob = self._probabilities(x)
-                    prob += self._probabilities(x.flip(-1)).flip(-1)
-                    prob += self._probabilities(x.flip(-2)).flip(-2)
-                    prob += self._probabilities(x.flip(-2, -1)).flip(-2, -1)
-                    prob /= 4
+                    prob, agreement = flip_average(self._probabilities, x, self.threshold)
+                    self._flip_dice.append(agreement.cpu().numpy())  # QC signal, see pop_flip_dice
                 else:
                     prob = self._probabilities(x)
                 out.append(prob.cpu().numpy())

@@ -20,6 +20,8 @@ Design choices:
 - PNG files are not fsync'ed one by one (that would cost more than encoding them); the rename
   protects against process kills and preemption. Against a machine crash, ``--format tar`` (one
   fsync'ed file per unit) is the safe choice.
+- Quality control (``seg.inference.qc``) runs here too, on the full-size probability map the
+  thread already holds; its record goes into the image's manifest entry under ``qc``.
 """
 
 from __future__ import annotations
@@ -185,13 +187,14 @@ class Writers:
         threshold: probability threshold for masks.
         overlay, probability: also write ``_overlay.png`` / ``_prob.png``.
         threads: writer threads.
+        qc: per-image quality control (``seg.inference.qc.ImageQC``), or None for none.
         max_pending: images queued or being written before ``submit`` blocks (default 4 x
             threads); a job larger than this waits until nothing else is in flight.
     """
 
     def __init__(self, threshold: float, overlay: bool = False, probability: bool = False,
-                 threads: int = 4, max_pending: int | None = None):
-        self.threshold, self.overlay, self.probability = threshold, overlay, probability
+                 threads: int = 4, max_pending: int | None = None, qc=None):
+        self.threshold, self.overlay, self.probability, self.qc = threshold, overlay, probability, qc
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="seg-writer")
         self.max_pending = max_pending or 4 * threads
         self.pending = 0  # images queued or being written
@@ -209,13 +212,18 @@ class Writers:
             self.room.notify_all()
 
     def _one(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
-             image: np.ndarray | None) -> dict:
+             image: np.ndarray | None, qc_in: tuple | None = None) -> dict:
         prob = Predictor.restore(prob, size)
         image = image.numpy() if hasattr(image, "numpy") else image
         files, fg = encode_outputs(prob, self.threshold, image, self.overlay, self.probability)
         for suffix, data in files.items():
             sink.write(rel + suffix, data)
-        return {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}
+        record = {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}
+        if self.qc is not None:  # qc_in: (pixels for the intensity check, flip agreement or None)
+            pixels, flip = qc_in if qc_in is not None else (image, None)
+            pixels = pixels.numpy() if hasattr(pixels, "numpy") else pixels
+            record["qc"] = self.qc(prob, pixels, flip)
+        return record
 
     def _job(self, sink: UnitSink, items: list[tuple]) -> list[dict]:
         return [self._one(sink, *item) for item in items]
@@ -226,7 +234,7 @@ class Writers:
         blocks while ``max_pending`` images are in flight. The future's result is one record per item.
 
         Args:
-            items: ``(source, rel, prob, size, image)`` tuples, as ``submit`` takes them.
+            items: ``(source, rel, prob, size, image[, qc_in])`` tuples, as ``submit`` takes them.
         """
         items = list(items)
         n = len(items)
@@ -240,14 +248,18 @@ class Writers:
         return future
 
     def submit(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
-               image: np.ndarray | None = None) -> Future:
+               image: np.ndarray | None = None, qc_in: tuple | None = None) -> Future:
         """Queue one image's outputs (a job of one; see ``submit_many``). The future's result is a
         list holding the image's record.
+
+        Args:
+            qc_in: ``(pixels, flip_dice)`` for QC: any view of the input image (the prepared
+                pixels do) for the intensity check, and the TTA flip agreement or None.
 
         Shape:
             prob: ``(h, w)`` float32 at the network's size (resized back to ``size`` here).
         """
-        return self.submit_many(sink, [(source, rel, prob, size, image)])
+        return self.submit_many(sink, [(source, rel, prob, size, image, qc_in)])
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

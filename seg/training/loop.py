@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from seg.checkpoint import model_checkpoint
+from seg.data.qc_reference import reference_from
 from seg.config import Config, config_to_dict, config_to_yaml
 from seg.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, temporary_name
 from seg.losses import build_loss
@@ -198,6 +199,7 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
                                                         for k, v in sec.items()})
     ckpt_args = dict(preprocess=spec.preprocess, threshold=t.threshold, config=config_to_dict(cfg),
                      provenance=provenance)
+    ckpt_args["qc_reference"] = reference_from(spec.info)  # prediction QC's training distribution
     flag = state.PreemptionFlag().install()
     try:
         for epoch in range(progress.epoch, t.epochs):

@@ -1,0 +1,66 @@
+"""The training masks' reference distribution that prediction QC compares masks against.
+
+``seg prepare`` measures every labelled mask (``mask_stats``: foreground fraction, connected
+components, whether it touches the image border) and writes the distribution of the split the
+model trains on into ``dataset.json`` under ``qc_reference`` (``build_reference``); training
+copies it into every model checkpoint (``ckpt["qc_reference"]``), where ``seg predict`` finds
+it. Format (documented in docs/FORMATS.md)::
+
+    {"version": 1, "split": "train", "count": N, "levels": 101, "connectivity": 8,
+     "foreground_fraction": [101 quantiles at 0, 0.01, ..., 1],
+     "components": [101 quantiles], "border_touch_rate": float}
+
+Design choices:
+
+- 101 quantiles (linear interpolation, numpy's default) describe any distribution in 2 KB of
+  JSON whatever the data set size, and give each predicted mask its quantile directly
+  (``seg.inference.qc.quantile_of``).
+- Components are counted with 8-connectivity and no minimum size, exactly as prediction QC
+  counts them, so both sides count alike.
+- A data set or checkpoint written before this key existed has none: ``reference_from``
+  returns ``None`` and QC leaves the plausibility signals out (its docstring says how).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+VERSION = 1
+LEVELS = 101
+CONNECTIVITY = 8
+
+
+def mask_stats(mask: np.ndarray) -> tuple[float, int, bool]:
+    """``(foreground fraction, connected components, touches border)`` of a bool mask ``(H, W)``."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    area = int(np.count_nonzero(mask))
+    if not area:
+        return 0.0, 0, False
+    components = int(cv2.connectedComponents(mask.view(np.uint8), connectivity=CONNECTIVITY)[0]) - 1
+    border = bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+    return area / mask.size, components, border
+
+
+def build_reference(stats: list[tuple[float, int, bool]], split: str) -> dict | None:
+    """The reference dict of a split's ``mask_stats`` tuples; None when there are none."""
+    if not stats:
+        return None
+    fg = np.array([s[0] for s in stats], np.float64)
+    cc = np.array([s[1] for s in stats], np.float64)
+    levels = np.linspace(0.0, 1.0, LEVELS)
+    return {"version": VERSION, "split": split, "count": len(stats), "levels": LEVELS,
+            "connectivity": CONNECTIVITY,
+            "foreground_fraction": [round(float(v), 6) for v in np.quantile(fg, levels)],
+            "components": [round(float(v), 3) for v in np.quantile(cc, levels)],
+            "border_touch_rate": round(float(np.mean([s[2] for s in stats])), 6)}
+
+
+def reference_from(info: dict | None) -> dict | None:
+    """The reference of a ``dataset.json`` dict or a checkpoint dict, if it holds a usable one."""
+    ref = (info or {}).get("qc_reference")
+    if not isinstance(ref, dict) or not ref.get("count"):
+        return None
+    if len(ref.get("foreground_fraction", ())) < 2 or len(ref.get("components", ())) < 2:
+        return None
+    return ref
