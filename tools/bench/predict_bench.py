@@ -1,7 +1,7 @@
 """Benchmarks of `seg predict` (CPU figures for docs/BENCHMARKS.md). Run when the machine is quiet.
 
     python tools/bench/predict_bench.py --work /tmp/predict_bench            # everything
-    python tools/bench/predict_bench.py --only reference|compute|tiny|tile  # one part
+    python tools/bench/predict_bench.py --only reference|compute|tiny|tile|qc  # one part
 
 Parts:
   reference  the same cohort (100 images 256x256 JPEG) and the same 31M U-Net (random weights:
@@ -16,6 +16,11 @@ Parts:
              20,000 images (process tree sampled every 50 ms).
   tile       sliding-window prediction of one 8192x8192 RGB image (tiny model, 256px tiles),
              peak RSS.
+  qc         the cost of per-image quality control (seg.inference.qc) without --tta: `seg predict`
+             with QC (the default) and with --no_qc on the same cohorts, side by side, rounds
+             interleaved (on/off/on/off/...), best round of each: 5,000 tiny 32 px PNGs (tiny
+             model, batch 64) and 200 256 px JPEGs (31M model, batch 8). Images/s whole process
+             and steady state, and the throughput ratio QC on / QC off.
 Prints one line per figure and a JSON summary at the end.
 """
 
@@ -204,14 +209,47 @@ def part_tile(work: Path, side: int = 8192) -> dict:
     return res
 
 
+def part_qc(work: Path, rounds: int = 3) -> dict:
+    tiny = make_images(work / "qc_tiny5000_32px", 5000, 32, ext=".png")
+    big = make_images(work / "qc_cohort256", 200, 256)
+    cases = {"tiny 32px x5000": (tiny, checkpoint(work / "unet_base4_32.pth", 4, 32), 64),
+             "31M 256px x200": (big, checkpoint(work / "unet31m_256.pth", 64, 256), 8)}
+    out = {}
+    for name, (images, ckpt, batch) in cases.items():
+        n = len(list(images.iterdir()))
+        runs: dict[str, list] = {"on": [], "off": []}
+        for _ in range(rounds):
+            for mode in ("on", "off"):
+                extra = [] if mode == "on" else ["--no_qc"]
+                res = measure(seg_predict(["--model_path", ckpt, "--image_dir", images, "--batch_size", batch,
+                                           "--num_workers", 1, "--writer_threads", 2,
+                                           "--output_dir", fresh(work / f"qc_{mode}"), *extra]))
+                res.update(parse_summary(res["stdout"]))
+                res["images_per_s"] = round(n / res["seconds"], 2)
+                runs[mode].append(res)
+        best = {m: max(r, key=lambda x: x["images_per_s"]) for m, r in runs.items()}
+        steady = {m: max((x["steady_images_per_s"] or 0) for x in r) for m, r in runs.items()}
+        ratio = best["on"]["images_per_s"] / best["off"]["images_per_s"]
+        steady_ratio = steady["on"] / steady["off"] if steady["off"] else None
+        print(f"QC cost, {name}: with QC {best['on']['images_per_s']} img/s (steady {steady['on']}), "
+              f"--no_qc {best['off']['images_per_s']} img/s (steady {steady['off']}): ratio {ratio:.3f} "
+              f"(steady {steady_ratio:.3f}); all rounds on {[r['images_per_s'] for r in runs['on']]}, "
+              f"off {[r['images_per_s'] for r in runs['off']]}", flush=True)
+        out[name] = {"on": [r["images_per_s"] for r in runs["on"]], "off": [r["images_per_s"] for r in runs["off"]],
+                     "steady_on": steady["on"], "steady_off": steady["off"], "ratio": round(ratio, 3),
+                     "steady_ratio": None if steady_ratio is None else round(steady_ratio, 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="/tmp/predict_bench")
-    parser.add_argument("--only", choices=("reference", "compute", "tiny", "tile"), action="append")
+    parser.add_argument("--only", choices=("reference", "compute", "tiny", "tile", "qc"), action="append")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    parts = {"reference": part_reference, "compute": part_compute, "tiny": part_tiny, "tile": part_tile}
+    parts = {"reference": part_reference, "compute": part_compute, "tiny": part_tiny, "tile": part_tile,
+             "qc": part_qc}
     results = {name: fn(work) for name, fn in parts.items() if not args.only or name in args.only}
     print(json.dumps(results, indent=1, default=str))
 
