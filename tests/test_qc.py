@@ -203,3 +203,17 @@ def test_flip_average_matches_the_plain_mean_of_flips():
     assert agree.shape == (3,) and bool((agree < 1).all())
     _, same = flip_average(lambda t: torch.sigmoid(t[:, 0] * 0 + 3), x, 0.5)
     assert bool((same == 1).all())
+
+
+def test_component_count_equals_opencv_connected_components():
+    from seg.data.qc_reference import count_components
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):  # blobs with holes and blobs inside holes
+        m = cv2.GaussianBlur(rng.random((40, 50)).astype(np.float32), (0, 0), 1.5) > 0.5 + rng.uniform(-0.05, 0.1)
+        assert count_components(m) == cv2.connectedComponents(m.view(np.uint8), connectivity=8)[0] - 1
+    ring = np.zeros((20, 20), bool)
+    ring[2:18, 2:18] = True
+    ring[5:15, 5:15] = False
+    ring[9:11, 9:11] = True  # a component inside the hole
+    assert count_components(ring) == 2

@@ -16,7 +16,11 @@ Design choices:
   JSON whatever the data set size, and give each predicted mask its quantile directly
   (``seg.inference.qc.quantile_of``).
 - Components are counted with 8-connectivity and no minimum size, exactly as prediction QC
-  counts them, so both sides count alike.
+  counts them (``count_components``), so both sides count alike. They are counted as the outer
+  boundaries of ``cv2.findContours`` (``RETR_CCOMP``: a component inside another's hole is
+  outer too), not with ``cv2.connectedComponents``: that one runs on OpenCV's thread pool, and a
+  process that used the pool and then forks (``seg prepare``'s worker processes) leaves
+  children that hang in their first OpenCV call.
 - A data set or checkpoint written before this key existed has none: ``reference_from``
   returns ``None`` and QC leaves the plausibility signals out (its docstring says how).
 """
@@ -31,13 +35,22 @@ LEVELS = 101
 CONNECTIVITY = 8
 
 
+def count_components(mask: np.ndarray) -> int:
+    """Connected components (8-connectivity) of a bool mask ``(H, W)``, single-threaded."""
+    u8 = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    if not u8.any():
+        return 0
+    _, hierarchy = cv2.findContours(u8.copy(), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    return int((hierarchy[0, :, 3] == -1).sum())
+
+
 def mask_stats(mask: np.ndarray) -> tuple[float, int, bool]:
     """``(foreground fraction, connected components, touches border)`` of a bool mask ``(H, W)``."""
     mask = np.ascontiguousarray(mask, dtype=bool)
     area = int(np.count_nonzero(mask))
     if not area:
         return 0.0, 0, False
-    components = int(cv2.connectedComponents(mask.view(np.uint8), connectivity=CONNECTIVITY)[0]) - 1
+    components = count_components(mask)
     border = bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
     return area / mask.size, components, border
 

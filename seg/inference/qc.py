@@ -17,7 +17,8 @@ Signals (the keys of the dict ``ImageQC.__call__`` returns):
 - ``foreground``: predicted foreground fraction; ``foreground_quantile``: its position in the
   training masks' distribution (midrank on the 101 stored quantiles; 0 below the training
   minimum, 1 above the maximum). ``None`` without a reference.
-- ``components``: connected components of the mask (8-connectivity, any size);
+- ``components``: connected components of the mask (8-connectivity, any size; counted as
+  ``seg.data.qc_reference.count_components`` counts the training masks);
   ``components_quantile`` as for the foreground (``None`` without a reference).
 - ``content``: the image's intensity spread (largest per-channel standard deviation on the
   [0, 1] scale); ``empty_on_content``: empty mask on an image with ``content > 0.02``.
@@ -40,8 +41,7 @@ Flags (``qc_flags``, in this order): ``uncertain`` (entropy > 0.35), ``flip_disa
 the central 98 % of training), ``empty_on_content``, ``touches_border``.
 
 Design choices: one pass of thresholding, one dilation with a square kernel (separable, so its
-cost does not grow with the band), one 1024-bin histogram and one ``connectedComponents`` per
-image; everything on the writer threads, where the map already is (OpenCV releases the GIL).
+cost does not grow with the band), one 1024-bin histogram and one contour trace per image; everything on the writer threads, where the map already is (OpenCV releases the GIL).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ import math
 
 import cv2
 import numpy as np
+
+from seg.data.qc_reference import count_components
 
 LEVELS = 1024  # quantisation of probabilities for the entropy table
 _P = np.arange(LEVELS, dtype=np.float64) / (LEVELS - 1)
@@ -181,8 +183,7 @@ class ImageQC:
         mask = prob > self.threshold if mask is None else mask
         area = int(np.count_nonzero(mask))
         fg = area / mask.size if mask.size else 0.0
-        u8 = np.ascontiguousarray(mask).view(np.uint8)
-        components = int(cv2.connectedComponents(u8, connectivity=8)[0]) - 1 if area else 0
+        components = count_components(mask) if area else 0
         border = bool(area) and bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
         content = intensity_spread(image) if image is not None else None
         s = {"entropy": round(band_entropy(prob, mask, self.threshold), 4),

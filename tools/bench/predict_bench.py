@@ -19,7 +19,7 @@ Parts:
   qc         the cost of per-image quality control (seg.inference.qc) without --tta: `seg predict`
              with QC (the default) and with --no_qc on the same cohorts, side by side, rounds
              interleaved (on/off/on/off/...), best round of each: 5,000 tiny 32 px PNGs (tiny
-             model, batch 64) and 200 256 px JPEGs (31M model, batch 8). Images/s whole process
+             model, batch 64) and 100 256 px JPEGs (31M model, batch 8). Images/s whole process
              and steady state, and the throughput ratio QC on / QC off.
 Prints one line per figure and a JSON summary at the end.
 """
@@ -211,9 +211,9 @@ def part_tile(work: Path, side: int = 8192) -> dict:
 
 def part_qc(work: Path, rounds: int = 3) -> dict:
     tiny = make_images(work / "qc_tiny5000_32px", 5000, 32, ext=".png")
-    big = make_images(work / "qc_cohort256", 200, 256)
+    big = make_images(work / "qc_cohort256", 100, 256)
     cases = {"tiny 32px x5000": (tiny, checkpoint(work / "unet_base4_32.pth", 4, 32), 64),
-             "31M 256px x200": (big, checkpoint(work / "unet31m_256.pth", 64, 256), 8)}
+             "31M 256px x100": (big, checkpoint(work / "unet31m_256.pth", 64, 256), 8)}
     out = {}
     for name, (images, ckpt, batch) in cases.items():
         n = len(list(images.iterdir()))
