@@ -14,6 +14,9 @@ crash or a preemption and it finishes what is left::
 Inputs are cut into units (a shard, or ``--unit_size`` sorted paths); unit i is done by worker
 ``i mod W`` (W = torchrun ranks x array tasks, or ``--part k --num_parts n``). Each finished
 unit is a line of ``OUTPUT/manifest.jsonl``; unreadable images go to ``failures.jsonl``.
+Every image also gets a quality-control record (``qc_score``, ``qc_flags`` and the signals behind
+them; ``seg.inference.qc``, ``--no_qc`` to skip) in the manifest and in ``OUTPUT/qc/``;
+``--summarize`` merges those into ``OUTPUT/qc.csv`` and writes ``OUTPUT/report.html``.
 
 OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set): decoding processes and
 writer threads share the cores with the model, and spinning OpenMP threads made a small model

@@ -11,7 +11,7 @@ Signals (the keys of the dict ``ImageQC.__call__`` returns):
   the predicted foreground dilated by a band of ``b = max(1, round(min(H, W) / 64))`` px (the
   foreground and its boundary band on both sides). For an empty prediction the band is taken
   around the pixels with ``p > threshold / 2`` (near misses); 0 when there are none. Entropy
-  is read from a 1024-level table of the quantised probabilities (one histogram, no log per pixel).
+  is read from a 256-level table of the quantised probabilities (``cv2.LUT``, no log per pixel).
 - ``flip_dice``: with TTA, the mean Dice over the 6 pairs of the 4 flip predictions'
   masks at the network's size (``seg.inference.tta``); ``None`` without TTA.
 - ``foreground``: predicted foreground fraction; ``foreground_quantile``: its position in the
@@ -40,12 +40,17 @@ Flags (``qc_flags``, in this order): ``uncertain`` (entropy > 0.35), ``flip_disa
 (flip_dice < 0.9), ``foreground_atypical`` / ``components_atypical`` (tail < 0.02: outside
 the central 98 % of training), ``empty_on_content``, ``touches_border``.
 
-Design choices: one pass of thresholding, one dilation with a square kernel (separable, so its
-cost does not grow with the band), one 1024-bin histogram and one contour trace per image; everything on the writer threads, where the map already is (OpenCV releases the GIL).
+Design choices: a handful of OpenCV calls per image (threshold, one dilation with a square
+kernel, which is separable so its cost does not grow with the band, a table look-up, a masked
+mean, one contour trace, ``meanStdDev``) and plain-Python arithmetic on scalars (``bisect`` for
+the quantiles): per-call overhead, not pixels, is the cost of small images, and QC must stay
+within a few percent of prediction throughput (docs/BENCHMARKS.md). It runs on the writer
+threads, where the map already is (OpenCV releases the GIL).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import cv2
@@ -53,10 +58,11 @@ import numpy as np
 
 from seg.data.qc_reference import count_components
 
-LEVELS = 1024  # quantisation of probabilities for the entropy table
+LEVELS = 256  # quantisation of probabilities for the entropy table (uint8, for cv2.LUT)
 _P = np.arange(LEVELS, dtype=np.float64) / (LEVELS - 1)
 with np.errstate(divide="ignore", invalid="ignore"):
-    ENTROPY_TABLE = np.nan_to_num(-_P * np.log2(_P) - (1 - _P) * np.log2(1 - _P))
+    ENTROPY_TABLE = np.nan_to_num(-_P * np.log2(_P) - (1 - _P) * np.log2(1 - _P)).astype(np.float32)
+_KERNELS: dict[int, np.ndarray] = {}
 CONTENT_MIN = 0.02  # intensity std (on [0, 1]) above which an image is not blank
 TAIL = 0.1  # plausibility risk is 0 inside the central 1 - TAIL of training
 WEIGHTS = {"foreground": 0.5, "components": 0.3, "empty_on_content": 0.8, "touches_border": 0.2}
@@ -78,23 +84,27 @@ def band_entropy(prob: np.ndarray, mask: np.ndarray, threshold: float) -> float:
     Shape:
         prob ``(H, W)`` float, mask ``(H, W)`` bool.
     """
-    seed = mask if mask.any() else prob > threshold / 2
-    if not seed.any():
-        return 0.0
+    seed = np.ascontiguousarray(mask).view(np.uint8)
+    if not cv2.countNonZero(seed):
+        seed = (prob > threshold / 2).view(np.uint8)
+        if not cv2.countNonZero(seed):
+            return 0.0
     b = band_width(prob.shape)
-    region = cv2.dilate(np.ascontiguousarray(seed).view(np.uint8), cv2.getStructuringElement(cv2.MORPH_RECT, (2 * b + 1, 2 * b + 1)))
-    q = (np.clip(prob[region.view(bool)], 0, 1) * (LEVELS - 1) + 0.5).astype(np.int32)
-    hist = np.bincount(q, minlength=LEVELS)
-    return float(hist @ ENTROPY_TABLE / max(hist.sum(), 1))
+    kernel = _KERNELS.get(b)
+    if kernel is None:
+        kernel = _KERNELS[b] = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * b + 1, 2 * b + 1))
+    region = cv2.dilate(seed, kernel)
+    levels = cv2.convertScaleAbs(np.ascontiguousarray(prob, dtype=np.float32), alpha=LEVELS - 1)  # round, saturate
+    return float(cv2.mean(cv2.LUT(levels, ENTROPY_TABLE), mask=region)[0])
 
 
 def intensity_spread(image: np.ndarray) -> float:
     """Largest per-channel standard deviation of an image on the [0, 1] scale (dtype maximum)."""
-    image = np.asarray(image)
     if image.size == 0:
         return 0.0
-    scale = float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 1.0
-    if image.dtype not in (np.uint8, np.uint16, np.float32):
+    dtype = image.dtype
+    scale = 255.0 if dtype == np.uint8 else 65535.0 if dtype == np.uint16 else 1.0
+    if dtype not in (np.uint8, np.uint16, np.float32):
         image = image.astype(np.float32)
     _, std = cv2.meanStdDev(np.ascontiguousarray(image))
     return float(std.max()) / scale
@@ -106,7 +116,7 @@ def quantile_of(value: float, quantiles) -> float:
     Linear between quantiles; a value equal to several (a discrete distribution) gets the
     middle of their levels (midrank); 0 below the first, 1 above the last.
     """
-    q = np.asarray(quantiles, dtype=np.float64)
+    q = quantiles
     n = len(q)
     if n == 0:
         return 0.5
@@ -116,7 +126,7 @@ def quantile_of(value: float, quantiles) -> float:
         return 0.0
     if value > q[-1]:
         return 1.0
-    lo, hi = int(np.searchsorted(q, value, "left")), int(np.searchsorted(q, value, "right"))
+    lo, hi = bisect.bisect_left(q, value), bisect.bisect_right(q, value)
     if hi > lo:  # ties with stored quantiles
         return (lo + hi - 1) / 2 / (n - 1)
     i = lo - 1
@@ -171,34 +181,97 @@ class ImageQC:
         self.threshold = float(threshold)
         self.reference = reference if reference and reference.get("count") else None
         self.border_rate = float(self.reference.get("border_touch_rate", 0.0)) if self.reference else 0.0
+        if self.reference:  # plain float lists for bisect
+            self._fg_q = [float(v) for v in self.reference["foreground_fraction"]]
+            self._cc_q = [float(v) for v in self.reference["components"]]
 
-    def signals(self, prob: np.ndarray, image: np.ndarray | None = None, flip_dice: float | None = None,
-                mask: np.ndarray | None = None) -> dict:
-        """The signal dict (module docstring) without score and flags.
+    def many(self, probs: list[np.ndarray], images: list | None = None, flips: list | None = None) -> list[dict]:
+        """QC records of several images at once (a writer job), ``{"score", "flags", **signals}``.
+
+        Maps of equal size are stacked and measured together (``stack_measures``: a few array
+        operations for the whole stack instead of a dozen calls per image).
 
         Shape:
-            prob ``(H, W)`` float32 at the original size; image any ``(h, w[, c])`` view of the
-            input (original or prepared pixels); mask ``(H, W)`` bool = ``prob > threshold``.
+            probs: ``(H, W)`` float32 maps at original sizes; images: any ``(h, w[, c])`` view of
+            each input (original or prepared pixels) or None; flips: TTA agreement or None.
         """
-        mask = prob > self.threshold if mask is None else mask
-        area = int(np.count_nonzero(mask))
-        fg = area / mask.size if mask.size else 0.0
-        components = count_components(mask) if area else 0
-        border = bool(area) and bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
-        content = intensity_spread(image) if image is not None else None
-        s = {"entropy": round(band_entropy(prob, mask, self.threshold), 4),
-             "flip_dice": None if flip_dice is None or math.isnan(flip_dice) else round(float(flip_dice), 4),
+        n = len(probs)
+        images, flips = images or [None] * n, flips or [None] * n
+        groups: dict[tuple, list[int]] = {}
+        for i, prob in enumerate(probs):
+            groups.setdefault(prob.shape, []).append(i)
+        out: list = [None] * n
+        for idx in groups.values():
+            stack = np.stack([probs[i] for i in idx]) if len(idx) > 1 else probs[idx[0]][None]
+            entropy, area, components, border = stack_measures(stack, self.threshold)
+            content = spreads([images[i] for i in idx])
+            size = stack.shape[1] * stack.shape[2]
+            for k, i in enumerate(idx):
+                out[i] = self._record(float(entropy[k]), flips[i], int(area[k]), size, int(components[k]),
+                                      bool(border[k]), content[k])
+        return out
+
+    def _record(self, entropy: float, flip, area: int, size: int, components: int, border: bool,
+                content: float | None) -> dict:
+        fg = area / size if size else 0.0
+        s = {"entropy": round(entropy, 4),
+             "flip_dice": None if flip is None or math.isnan(flip) else round(float(flip), 4),
              "foreground": round(fg, 6), "foreground_quantile": None, "components": components,
              "components_quantile": None, "content": None if content is None else round(content, 4),
              "empty_on_content": area == 0 and content is not None and content > CONTENT_MIN,
              "touches_border": border}
         if self.reference:
-            s["foreground_quantile"] = round(quantile_of(fg, self.reference["foreground_fraction"]), 4)
-            s["components_quantile"] = round(quantile_of(components, self.reference["components"]), 4)
-        return s
-
-    def __call__(self, prob: np.ndarray, image: np.ndarray | None = None, flip_dice: float | None = None,
-                 mask: np.ndarray | None = None) -> dict:
-        """``{"score", "flags", **signals}`` for one image (see ``signals`` for shapes)."""
-        s = self.signals(prob, image, flip_dice, mask)
+            s["foreground_quantile"] = round(quantile_of(fg, self._fg_q), 4)
+            s["components_quantile"] = round(quantile_of(components, self._cc_q), 4)
         return {"score": round(qc_score(s, self.border_rate), 4), "flags": qc_flags(s), **s}
+
+    def __call__(self, prob: np.ndarray, image: np.ndarray | None = None, flip_dice: float | None = None) -> dict:
+        """The QC record of one image (see ``many`` for shapes)."""
+        return self.many([prob], [image], [flip_dice])[0]
+
+
+def stack_measures(probs: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:
+    """Band entropy, mask area, component count and border contact of equal-size maps at once.
+
+    The maps are laid out one below the other with zero rows between them (as many as the
+    band, at least one), so one dilation, one table look-up and one contour trace serve the
+    whole stack without a map reaching into its neighbour (8-connectivity needs adjacency).
+
+    Shape:
+        probs ``(N, H, W)`` float32 -> four ``(N,)`` arrays (float, int, int, bool).
+    """
+    n, h, w = probs.shape
+    masks = probs > threshold
+    area = masks.view(np.uint8).reshape(n, -1).sum(1, dtype=np.int64)
+    b = band_width((h, w))
+    seeds = masks
+    if not area.all():  # empty masks: the band around the near misses
+        seeds = masks.copy()
+        empty = area == 0
+        seeds[empty] = probs[empty] > threshold / 2
+    slot = h + b
+    laid = np.zeros((n, slot, w), np.uint8)
+    laid[:, b:] = seeds
+    kernel = _KERNELS.get(b)
+    if kernel is None:
+        kernel = _KERNELS[b] = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * b + 1, 2 * b + 1))
+    region = cv2.dilate(laid.reshape(n * slot, w), kernel).reshape(n, slot, w)[:, b:]
+    levels = cv2.convertScaleAbs(np.ascontiguousarray(probs, dtype=np.float32).reshape(n * h, w), alpha=LEVELS - 1)
+    ent = cv2.LUT(levels, ENTROPY_TABLE).reshape(n, h, w)
+    counted = region.reshape(n, -1).sum(1, dtype=np.int64)
+    totals = np.einsum("nij,nij->n", ent, region.astype(np.float32))
+    entropy = np.where(counted > 0, totals / np.maximum(counted, 1), 0.0)
+    laid[:, b:] = masks  # components: the masks themselves, zero rows between them
+    contours, hierarchy = cv2.findContours(laid.reshape(n * slot, w), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    components = np.zeros(n, np.int64)
+    if hierarchy is not None:  # outer boundaries (see seg.data.qc_reference.count_components), by map
+        tops = np.flatnonzero(hierarchy[0, :, 3] == -1)
+        rows = np.fromiter((contours[j][0, 0, 1] for j in tops), np.int64, len(tops))
+        components = np.bincount(rows // slot, minlength=n)[:n]
+    border = masks[:, 0].any(1) | masks[:, -1].any(1) | masks[:, :, 0].any(1) | masks[:, :, -1].any(1)
+    return entropy, area, components, border
+
+
+def spreads(images: list) -> list[float | None]:
+    """``intensity_spread`` of each image (None for None; torch tensors are read as numpy)."""
+    return [None if im is None else intensity_spread(im.numpy() if hasattr(im, "numpy") else im) for im in images]

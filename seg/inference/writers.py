@@ -212,21 +212,23 @@ class Writers:
             self.room.notify_all()
 
     def _one(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
-             image: np.ndarray | None, qc_in: tuple | None = None) -> dict:
+             image: np.ndarray | None, qc_in: tuple | None = None) -> tuple[dict, np.ndarray, tuple]:
         prob = Predictor.restore(prob, size)
         image = image.numpy() if hasattr(image, "numpy") else image
         files, fg = encode_outputs(prob, self.threshold, image, self.overlay, self.probability)
         for suffix, data in files.items():
             sink.write(rel + suffix, data)
-        record = {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}
-        if self.qc is not None:  # qc_in: (pixels for the intensity check, flip agreement or None)
-            pixels, flip = qc_in if qc_in is not None else (image, None)
-            pixels = pixels.numpy() if hasattr(pixels, "numpy") else pixels
-            record["qc"] = self.qc(prob, pixels, flip)
-        return record
+        # qc_in: (pixels for the intensity check, flip agreement or None)
+        return {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}, prob, qc_in or (image, None)
 
     def _job(self, sink: UnitSink, items: list[tuple]) -> list[dict]:
-        return [self._one(sink, *item) for item in items]
+        done = [self._one(sink, *item) for item in items]
+        records = [record for record, _, _ in done]
+        if self.qc is not None:  # the job's maps measured together (ImageQC.many: per-call cost dominates)
+            qcs = self.qc.many([prob for _, prob, _ in done], [q[0] for _, _, q in done], [q[1] for _, _, q in done])
+            for record, qc in zip(records, qcs):
+                record["qc"] = qc
+        return records
 
     def submit_many(self, sink: UnitSink, items: list[tuple]) -> Future:
         """Queue the outputs of several images of one unit as one job (one thread handoff, one
