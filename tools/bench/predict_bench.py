@@ -20,7 +20,9 @@ Parts:
              with QC (the default) and with --no_qc on the same cohorts, side by side, rounds
              interleaved (on/off/on/off/...), best round of each: 5,000 tiny 32 px PNGs (tiny
              model, batch 64) and 100 256 px JPEGs (31M model, batch 8). Images/s whole process
-             and steady state, and the throughput ratio QC on / QC off.
+             and steady state, the throughput ratio QC on / QC off, and the CPU seconds of the
+             whole process tree (getrusage of reaped children: steadier than wall time on a
+             shared machine) with the share QC adds.
 Prints one line per figure and a JSON summary at the end.
 """
 
@@ -71,7 +73,9 @@ def make_images(folder: Path, n: int, side: int, ext: str = ".jpg") -> Path:
 def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Wall time and peak RSS (main process, and whole process tree) of a command."""
     import psutil
+    import resource
 
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # CPU of reaped descendants, recursively
     start = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
@@ -86,9 +90,11 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
         time.sleep(0.05)
     out, err = proc.communicate()
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
-    return {"seconds": round(seconds, 2), "peak_rss_main_mb": round(peak_main / 2**20),
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_main_mb": round(peak_main / 2**20),
             "peak_rss_tree_mb": round(peak_tree / 2**20), "stdout": out.strip().splitlines()[-3:]}
 
 
@@ -228,15 +234,19 @@ def part_qc(work: Path, rounds: int = 3) -> dict:
                 res["images_per_s"] = round(n / res["seconds"], 2)
                 runs[mode].append(res)
         best = {m: max(r, key=lambda x: x["images_per_s"]) for m, r in runs.items()}
+        cpu = {m: min(x["cpu_seconds"] for x in r) for m, r in runs.items()}  # CPU of the whole process tree
         steady = {m: max((x["steady_images_per_s"] or 0) for x in r) for m, r in runs.items()}
         ratio = best["on"]["images_per_s"] / best["off"]["images_per_s"]
         steady_ratio = steady["on"] / steady["off"] if steady["off"] else None
         print(f"QC cost, {name}: with QC {best['on']['images_per_s']} img/s (steady {steady['on']}), "
               f"--no_qc {best['off']['images_per_s']} img/s (steady {steady['off']}): ratio {ratio:.3f} "
               f"(steady {steady_ratio:.3f}); all rounds on {[r['images_per_s'] for r in runs['on']]}, "
-              f"off {[r['images_per_s'] for r in runs['off']]}", flush=True)
+              f"off {[r['images_per_s'] for r in runs['off']]}; CPU seconds (process tree, least of the rounds) "
+              f"with QC {cpu['on']}, --no_qc {cpu['off']}: QC adds {100 * (cpu['on'] / cpu['off'] - 1):.1f} %", flush=True)
         out[name] = {"on": [r["images_per_s"] for r in runs["on"]], "off": [r["images_per_s"] for r in runs["off"]],
                      "steady_on": steady["on"], "steady_off": steady["off"], "ratio": round(ratio, 3),
+                     "cpu_on": [r["cpu_seconds"] for r in runs["on"]], "cpu_off": [r["cpu_seconds"] for r in runs["off"]],
+                     "cpu_added": round(cpu["on"] / cpu["off"] - 1, 4),
                      "steady_ratio": None if steady_ratio is None else round(steady_ratio, 3)}
     return out
 
