@@ -13,10 +13,11 @@ Examples::
 Writes to ``--output_dir``: evaluation_report.json (DESIGN.md keys; model mode adds
 ``best_threshold``), evaluation_report.txt, confusion_matrix.png, metrics_distribution.png,
 metrics_summary.png, sample_predictions.png, worst_cases.png, and in model mode
-threshold_sweep.png; where QC exists (model mode, or a ``seg predict`` folder as --pred_dir) the
-JSON's ``qc`` key and qc_vs_dice.png; and report.html (``seg.reporting``). ``threshold`` in the JSON is the probability threshold applied to the model
-(the checkpoint's, or ``--threshold``); with ``--pred_dir`` predictions are binary masks (any
-value > 0 is foreground) and it is ``null``. ``best_threshold`` (model mode only) is the threshold
+threshold_sweep.png; where QC exists (model mode, or a ``seg predict`` folder as --pred_dir)
+the JSON's ``qc`` key and qc_vs_dice.png; and report.html (``seg.reporting``). ``threshold`` in
+the JSON is the probability threshold applied to the model (the checkpoint's, or
+``--threshold``); with ``--pred_dir`` predictions are binary masks (any value > 0 is
+foreground) and it is ``null``. ``best_threshold`` (model mode only) is the threshold
 of 0.05, 0.10, ..., 0.95 with the highest global Dice: ``{"threshold": t, "dice": d}``.
 Under torchrun each rank scores images ``i mod world_size`` and rank 0 writes everything.
 The work lives in ``seg.evaluation``; this module parses flags.

@@ -63,6 +63,7 @@ _P = np.arange(LEVELS, dtype=np.float64) / (LEVELS - 1)
 with np.errstate(divide="ignore", invalid="ignore"):
     ENTROPY_TABLE = np.nan_to_num(-_P * np.log2(_P) - (1 - _P) * np.log2(1 - _P)).astype(np.float32)
 _KERNELS: dict[int, np.ndarray] = {}
+STACK_PIXELS = 512 * 512  # maps up to this size are measured stacked (ImageQC.many)
 CONTENT_MIN = 0.02  # intensity std (on [0, 1]) above which an image is not blank
 TAIL = 0.1  # plausibility risk is 0 inside the central 1 - TAIL of training
 WEIGHTS = {"foreground": 0.5, "components": 0.3, "empty_on_content": 0.8, "touches_border": 0.2}
@@ -198,8 +199,8 @@ class ImageQC:
         n = len(probs)
         images, flips = images or [None] * n, flips or [None] * n
         groups: dict[tuple, list[int]] = {}
-        for i, prob in enumerate(probs):
-            groups.setdefault(prob.shape, []).append(i)
+        for i, prob in enumerate(probs):  # large maps one at a time: a stack would copy them
+            groups.setdefault(prob.shape if prob.size <= STACK_PIXELS else i, []).append(i)
         out: list = [None] * n
         for idx in groups.values():
             stack = np.stack([probs[i] for i in idx]) if len(idx) > 1 else probs[idx[0]][None]

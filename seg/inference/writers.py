@@ -219,7 +219,8 @@ class Writers:
         for suffix, data in files.items():
             sink.write(rel + suffix, data)
         # qc_in: (pixels for the intensity check, flip agreement or None)
-        return {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}, prob, qc_in or (image, None)
+        record = {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}
+        return (record, prob, qc_in or (image, None)) if self.qc is not None else (record, None, None)
 
     def _job(self, sink: UnitSink, items: list[tuple]) -> list[dict]:
         done = [self._one(sink, *item) for item in items]
