@@ -21,7 +21,8 @@ Signals (the keys of the dict ``ImageQC.__call__`` returns):
   ``seg.data.qc_reference.count_components`` counts the training masks);
   ``components_quantile`` as for the foreground (``None`` without a reference).
 - ``content``: the image's intensity spread (largest per-channel standard deviation on the
-  [0, 1] scale); ``empty_on_content``: empty mask on an image with ``content > 0.02``.
+  [0, 1] scale), measured only where the mask is empty (the one place it matters; ``None``
+  elsewhere); ``empty_on_content``: empty mask on an image with ``content > 0.02``.
 - ``touches_border``: some foreground pixel lies on the image border.
 
 Score (higher = more likely correct), each factor in [0, 1], monotone in its signal::
@@ -205,7 +206,7 @@ class ImageQC:
         for idx in groups.values():
             stack = np.stack([probs[i] for i in idx]) if len(idx) > 1 else probs[idx[0]][None]
             entropy, area, components, border = stack_measures(stack, self.threshold)
-            content = spreads([images[i] for i in idx])
+            content = spreads([images[i] if area[k] == 0 else None for k, i in enumerate(idx)])
             size = stack.shape[1] * stack.shape[2]
             for k, i in enumerate(idx):
                 out[i] = self._record(float(entropy[k]), flips[i], int(area[k]), size, int(components[k]),

@@ -215,11 +215,14 @@ def part_tile(work: Path, side: int = 8192) -> dict:
     return res
 
 
-def part_qc(work: Path, rounds: int = 3) -> dict:
-    tiny = make_images(work / "qc_tiny5000_32px", 5000, 32, ext=".png")
-    big = make_images(work / "qc_cohort256", 100, 256)
-    cases = {"tiny 32px x5000": (tiny, checkpoint(work / "unet_base4_32.pth", 4, 32), 64),
-             "31M 256px x100": (big, checkpoint(work / "unet31m_256.pth", 64, 256), 8)}
+def part_qc(work: Path, rounds: int = 3, only: str | None = None) -> dict:
+    cases = {}
+    if only in (None, "tiny"):
+        cases["tiny 32px x5000"] = (make_images(work / "qc_tiny5000_32px", 5000, 32, ext=".png"),
+                                    checkpoint(work / "unet_base4_32.pth", 4, 32), 64)
+    if only in (None, "big"):
+        cases["31M 256px x100"] = (make_images(work / "qc_cohort256", 100, 256),
+                                   checkpoint(work / "unet31m_256.pth", 64, 256), 8)
     out = {}
     for name, (images, ckpt, batch) in cases.items():
         n = len(list(images.iterdir()))
@@ -255,11 +258,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="/tmp/predict_bench")
     parser.add_argument("--only", choices=("reference", "compute", "tiny", "tile", "qc"), action="append")
+    parser.add_argument("--qc_case", choices=("tiny", "big"), default=None, help="qc part: one of its two cohorts")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     parts = {"reference": part_reference, "compute": part_compute, "tiny": part_tiny, "tile": part_tile,
-             "qc": part_qc}
+             "qc": lambda w: part_qc(w, only=args.qc_case)}
     results = {name: fn(work) for name, fn in parts.items() if not args.only or name in args.only}
     print(json.dumps(results, indent=1, default=str))
 
