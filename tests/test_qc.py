@@ -240,4 +240,20 @@ def test_stacked_measures_equal_the_one_map_definitions():
         assert border[k] == bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
     qc = ImageQC(0.5, REFERENCE)
     images = [textured(40)[:, :, 0] for _ in probs]
-    assert qc.many(probs, images) == [qc(p, im) for p, im in zip(probs, images)]
+    records = qc.many(probs, images)
+    assert records == [qc(p, im) for p, im in zip(probs, images)]
+    for r in records:  # the vectorised score and flags are the documented scalar ones
+        assert r["score"] == pytest.approx(qc_score(r, REFERENCE["border_touch_rate"]), abs=1e-4)
+        assert r["flags"] == qc_flags(r)
+    flips = [0.5, None] * 5
+    for r, f in zip(qc.many(probs, images, flips), flips):
+        assert r["flip_dice"] == f and r["score"] == pytest.approx(qc_score(r, REFERENCE["border_touch_rate"]), abs=1e-4)
+        assert r["flags"] == qc_flags(r)
+
+
+def test_vectorised_quantiles_equal_the_scalar_ones():
+    from seg.inference.qc import quantiles_of
+
+    for q in ([0.0, 1.0, 2.0, 3.0, 4.0], [1, 1, 1, 2, 3], REFERENCE["components"], REFERENCE["foreground_fraction"]):
+        values = np.concatenate([np.linspace(-1, 5, 61), np.asarray(q, float), [0.05, 0.1, 0.15]])
+        np.testing.assert_allclose(quantiles_of(values, q), [quantile_of(float(v), list(q)) for v in values])

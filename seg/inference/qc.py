@@ -135,6 +135,26 @@ def quantile_of(value: float, quantiles) -> float:
     return (i + (value - q[i]) / (q[lo] - q[i])) / (n - 1)
 
 
+def quantiles_of(values, quantiles) -> np.ndarray:
+    """``quantile_of`` of each value (vectorised). Shape: ``(N,) -> (N,)`` float64."""
+    q = np.asarray(quantiles, np.float64)
+    v = np.asarray(values, np.float64)
+    if len(q) < 2:
+        return np.array([quantile_of(float(x), list(q)) for x in v], np.float64)
+    last = len(q) - 1
+    lo, hi = np.searchsorted(q, v, "left"), np.searchsorted(q, v, "right")
+    i = np.clip(lo - 1, 0, last - 1)
+    gap = q[i + 1] - q[i]
+    linear = (i + np.where(gap > 0, (v - q[i]) / np.where(gap > 0, gap, 1.0), 0.0)) / last
+    out = np.where(hi > lo, (lo + hi - 1) / 2 / last, linear)
+    return np.where(v < q[0], 0.0, np.where(v > q[-1], 1.0, out))
+
+
+def tail_risks(q: np.ndarray) -> np.ndarray:
+    """``tail_risk`` of each quantile (vectorised)."""
+    return 1.0 - np.minimum(1.0, 2.0 * np.minimum(q, 1.0 - q) / TAIL)
+
+
 def tail(q: float) -> float:
     """Two-sided tail probability of a quantile: 1 at the median, 0 outside the range."""
     return 2.0 * min(q, 1.0 - q)
@@ -207,25 +227,41 @@ class ImageQC:
             stack = np.stack([probs[i] for i in idx]) if len(idx) > 1 else probs[idx[0]][None]
             entropy, area, components, border = stack_measures(stack, self.threshold)
             content = spreads([images[i] if area[k] == 0 else None for k, i in enumerate(idx)])
-            size = stack.shape[1] * stack.shape[2]
-            for k, i in enumerate(idx):
-                out[i] = self._record(float(entropy[k]), flips[i], int(area[k]), size, int(components[k]),
-                                      bool(border[k]), content[k])
+            records = self._records(entropy, [flips[i] for i in idx], area, stack.shape[1] * stack.shape[2],
+                                    components, border, content)
+            for i, record in zip(idx, records):
+                out[i] = record
         return out
 
-    def _record(self, entropy: float, flip, area: int, size: int, components: int, border: bool,
-                content: float | None) -> dict:
-        fg = area / size if size else 0.0
-        s = {"entropy": round(entropy, 4),
-             "flip_dice": None if flip is None or math.isnan(flip) else round(float(flip), 4),
-             "foreground": round(fg, 6), "foreground_quantile": None, "components": components,
-             "components_quantile": None, "content": None if content is None else round(content, 4),
-             "empty_on_content": area == 0 and content is not None and content > CONTENT_MIN,
-             "touches_border": border}
+    def _records(self, entropy, flips, area, size, components, border, content) -> list[dict]:
+        """Score and flags of a group as arrays (``qc_score``/``qc_flags`` vectorised: per-image
+        Python is what a writer thread must avoid), then one dict per image."""
+        n = len(area)
+        nan = float("nan")
+        ent = np.round(entropy, 4)
+        fg = np.round(area / size, 6) if size else np.zeros(n)
+        flip = np.round(np.array([nan if f is None else float(f) for f in flips], np.float64), 4)
+        cont = np.round(np.array([nan if c is None else c for c in content], np.float64), 4)
+        empty_on = (area == 0) & (cont > CONTENT_MIN)  # NaN compares False
+        score = (1.0 - ent) ** 2 * np.where(np.isnan(flip), 1.0, flip)
         if self.reference:
-            s["foreground_quantile"] = round(quantile_of(fg, self._fg_q), 4)
-            s["components_quantile"] = round(quantile_of(components, self._cc_q), 4)
-        return {"score": round(qc_score(s, self.border_rate), 4), "flags": qc_flags(s), **s}
+            fq = np.round(quantiles_of(fg, self._fg_q), 4)
+            cq = np.round(quantiles_of(components, self._cc_q), 4)
+            score *= (1.0 - WEIGHTS["foreground"] * tail_risks(fq)) * (1.0 - WEIGHTS["components"] * tail_risks(cq))
+        else:
+            fq = cq = np.full(n, nan)
+        score *= (1.0 - WEIGHTS["empty_on_content"] * empty_on)
+        score *= (1.0 - WEIGHTS["touches_border"] * (1.0 - self.border_rate) * border)
+        score = np.round(np.clip(score, 0.0, 1.0), 4)
+        fired = np.stack([ent > FLAG_ENTROPY, flip < FLAG_FLIP_DICE, 2 * np.minimum(fq, 1 - fq) < FLAG_TAIL,
+                          2 * np.minimum(cq, 1 - cq) < FLAG_TAIL, empty_on, border], 1)  # FLAGS order
+        none = lambda a: [None if v != v else v for v in a.tolist()]  # noqa: E731 - NaN -> None
+        return [{"score": sc, "flags": [FLAGS[j] for j in np.flatnonzero(f)] if f.any() else [], "entropy": e,
+                 "flip_dice": fl, "foreground": g, "foreground_quantile": q1, "components": c,
+                 "components_quantile": q2, "content": ct, "empty_on_content": eo, "touches_border": bo}
+                for sc, f, e, fl, g, q1, c, q2, ct, eo, bo in zip(
+                    score.tolist(), fired, ent.tolist(), none(flip), fg.tolist(), none(fq), components.tolist(),
+                    none(cq), none(cont), empty_on.tolist(), border.tolist())]
 
     def __call__(self, prob: np.ndarray, image: np.ndarray | None = None, flip_dice: float | None = None) -> dict:
         """The QC record of one image (see ``many`` for shapes)."""

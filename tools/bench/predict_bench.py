@@ -2,6 +2,7 @@
 
     python tools/bench/predict_bench.py --work /tmp/predict_bench            # everything
     python tools/bench/predict_bench.py --only reference|compute|tiny|tile|qc  # one part
+    python tools/bench/predict_bench.py --only qc --qc_case tiny|big            # one QC cohort
 
 Parts:
   reference  the same cohort (100 images 256x256 JPEG) and the same 31M U-Net (random weights:
