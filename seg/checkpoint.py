@@ -10,10 +10,13 @@ everything prediction needs and nothing that needs unpickling code::
      "threshold": 0.5,
      "config": {resolved config as a plain dict},
      "epoch": int, "metrics": {name: float},
-     "provenance": {git commit, package versions, world size, seeds, dataset checksum}}
+     "provenance": {git commit, package versions, world size, seeds, dataset checksum},
+     "qc_reference": {training masks' distribution, see seg.data.qc_reference} or None}
 
 ``mean``/``std`` have ``in_channels`` values and apply to images scaled to [0, 1] by their
 dtype's maximum (255 or 65535). Files are written atomically (temp name, then rename).
+``qc_reference`` is copied from the training data's ``dataset.json``; checkpoints written before
+it existed lack the key, and prediction QC then leaves out the plausibility signals.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class CheckpointError(ValueError):
 
 def model_checkpoint(model: torch.nn.Module, preprocess: dict, threshold: float = 0.5,
                      config: dict | None = None, epoch: int = 0, metrics: dict | None = None,
-                     provenance: dict | None = None) -> dict:
+                     provenance: dict | None = None, qc_reference: dict | None = None) -> dict:
     """Build the plain-dict checkpoint for ``model`` (unwrapped from DDP/compile if needed)."""
     inner = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)
@@ -55,6 +58,7 @@ def model_checkpoint(model: torch.nn.Module, preprocess: dict, threshold: float 
         "epoch": int(epoch),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "provenance": provenance or {},
+        "qc_reference": qc_reference,
     }
 
 

@@ -39,6 +39,7 @@ SUBCOMMANDS = {
     "train": ("seg.train", "train the U-Net on shards (single process, accelerate launch, torchrun)"),
     "predict": ("seg.predict", "predict masks for a folder, file list, shards or one image"),
     "evaluate": ("seg.evaluate", "score predictions or a model against ground truth; report and plots"),
+    "report": ("seg.report", "one HTML page to review a predicted cohort (QC, worst cases, evaluation)"),
     "doctor": ("seg.doctor", "preflight checks for a training or prediction run"),
     "demo-data": ("seg.demo_data", "write a synthetic images/ + masks/ data set"),
 }

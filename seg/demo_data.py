@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="number of image/mask pairs")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--size_scale", type=float, nargs=2, default=(1.0, 1.0), metavar=("LO", "HI"),
+                   help="object size factor range, drawn per image (a distribution shift; 1 1 = training range)")
+    p.add_argument("--contrast", type=float, nargs=2, default=(1.0, 1.0), metavar=("LO", "HI"),
+                   help="object contrast factor range, drawn per image (a distribution shift)")
+    p.add_argument("--prefix", default="", help="file name prefix, to combine several sets in one folder")
     return p
 
 
@@ -33,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        out = make_demo_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
+        if min(args.size_scale + args.contrast) <= 0:
+            raise ValueError("--size_scale and --contrast must be positive")
+        out = make_demo_dataset(args.out, n=args.n, size=args.size, seed=args.seed, size_scale=tuple(args.size_scale),
+                                contrast=tuple(args.contrast), prefix=args.prefix)
     except ValueError as exc:
         print(f"seg demo-data: error: {exc}", file=sys.stderr)
         return exitcodes.USAGE

@@ -13,9 +13,11 @@ Examples::
 Writes to ``--output_dir``: evaluation_report.json (docs/FORMATS.md; model mode adds
 ``best_threshold``), evaluation_report.txt, confusion_matrix.png, metrics_distribution.png,
 metrics_summary.png, sample_predictions.png, worst_cases.png, and in model mode
-threshold_sweep.png. ``threshold`` in the JSON is the probability threshold applied to the model
-(the checkpoint's, or ``--threshold``); with ``--pred_dir`` predictions are binary masks (any
-value > 0 is foreground) and it is ``null``. ``best_threshold`` (model mode only) is the threshold
+threshold_sweep.png; where QC exists (model mode, or a ``seg predict`` folder as --pred_dir)
+the JSON's ``qc`` key and qc_vs_dice.png; and report.html (``seg.reporting``). ``threshold`` in
+the JSON is the probability threshold applied to the model (the checkpoint's, or
+``--threshold``); with ``--pred_dir`` predictions are binary masks (any value > 0 is
+foreground) and it is ``null``. ``best_threshold`` (model mode only) is the threshold
 of 0.05, 0.10, ..., 0.95 with the highest global Dice: ``{"threshold": t, "dice": d}``.
 Under torchrun each rank scores images ``i mod world_size`` and rank 0 writes everything.
 The work lives in ``seg.evaluation``; this module parses flags (every option is a field of
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seg evaluate: error: {exc}", file=sys.stderr)
         return exitcodes.USAGE
     from seg.dist import read_dist_env
-    from seg.evaluation.run import EvaluationError, evaluate_masks, evaluate_model, write_outputs
+    from seg.evaluation.run import EvaluationError, evaluate_masks, evaluate_model, read_report, write_outputs
     from seg.evaluation.scoring import init_process_group
 
     env = read_dist_env()
@@ -85,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         evaluation, source = (evaluate_masks if mode == "masks" else evaluate_model)(cfg, env)
         if evaluation is not None:
             outputs = write_outputs(evaluation, source, Path(cfg.output_dir))
+            from seg.reporting.hooks import evaluation_report  # report.html (seg.reporting)
+
+            outputs["html"] = evaluation_report(read_report(Path(cfg.output_dir)), Path(cfg.output_dir), source,
+                                                cfg.pred_dir)
             print(summary(evaluation, outputs, time.perf_counter() - start))
     except (ValueError, FileNotFoundError) as exc:  # bad input: a folder without masks, a bad checkpoint
         print(f"seg evaluate: error: {exc}", file=sys.stderr)

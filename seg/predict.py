@@ -14,6 +14,9 @@ crash or a preemption and it finishes what is left::
 Inputs are cut into units (a shard, or ``--unit_size`` sorted paths); unit i is done by worker
 ``i mod W`` (W = torchrun ranks x array tasks, or ``--part k --num_parts n``). Each finished
 unit is a line of ``OUTPUT/manifest.jsonl``; unreadable images go to ``failures.jsonl``.
+Every image also gets a quality-control record (``qc_score``, ``qc_flags`` and the signals behind
+them; ``seg.inference.qc``, ``--no_qc`` to skip) in the manifest and in ``OUTPUT/qc/``;
+``--summarize`` merges those into ``OUTPUT/qc.csv`` and writes ``OUTPUT/report.html``.
 
 OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set): decoding processes and
 writer threads share the cores with the model, and spinning OpenMP threads made a small model
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, PredictConfig)
     p.add_argument("--summarize", metavar="OUT", help="merge and validate OUT/manifest.jsonl, print the cohort summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no_report", action="store_true", help="with --summarize: do not write OUT/report.html")
+    p.add_argument("--report_worst", type=int, default=100,
+                   help="with --summarize: lowest-qc_score images shown in report.html (default: 100)")
     return p
 
 
@@ -54,7 +60,10 @@ def _summarize(args) -> int:
     from seg.inference.manifest import format_summary, summarize
 
     summary = summarize(Path(args.summarize))
-    print(json.dumps(summary) if args.json else format_summary(summary))
+    from seg.reporting.hooks import after_summarize  # qc.csv merge and report.html
+
+    summary.update(after_summarize(Path(args.summarize), not args.no_report, args.report_worst))
+    print(json.dumps(summary) if args.json else "\n".join([format_summary(summary), *summary["qc_notes"]]))
     if summary["problems"]:
         return exitcodes.FAILED
     return exitcodes.FAILED_INPUTS if summary["failures"] else exitcodes.OK
@@ -88,6 +97,11 @@ def _cohort(cfg: PredictConfig, predictor, out_dir) -> int:
     units = build_units(cfg.image_dir, cfg.list_path, cfg.shards, cfg.unit_size, exclude=str(out_dir))
     check_volume_inputs(units, predictor.preprocess, cfg.save_overlay, cfg.save_probability)
     s = CohortRun(predictor, units, worker, num_workers, cfg, position=read_dist_env().local_rank).run()
+    from seg.reporting.cohort import write_prediction_info  # prediction.json (after run(): its model check)
+
+    write_prediction_info(out_dir, predictor, {"format": cfg.format, "tta": cfg.tta, "qc": cfg.qc,
+                                               "unit_size": cfg.unit_size, "batch_size": cfg.batch_size,
+                                               "num_workers": num_workers})
     first = (f"; first batch in the model {s['first_batch_start_s']:.2f} s after start, done at "
              f"{s['first_batch_s']:.2f} s") if s["first_batch_s"] is not None else ""
     if s["steady_images_per_s"] is not None:

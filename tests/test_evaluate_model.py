@@ -97,8 +97,9 @@ def test_model_mode_on_prepared_shards(labelled, reports):
     root, ckpt = labelled
     info = json.loads((root / "shards" / "dataset.json").read_text())
     report, out = reports("val", root / "shards")
-    assert list(report) == DESIGN_KEYS + ["best_threshold"]
+    assert list(report) == DESIGN_KEYS + ["best_threshold", "qc"]  # qc: seg.evaluation.qc_ranking
     assert report["threshold"] == 0.5 and report["n_images"] == info["splits"]["val"]["count"]
+    assert report["qc"]["n_images"] == report["n_images"] and (out / "report.html").is_file()
     expected = expected_counts(root, ckpt, 0.5)
     per = {p["id"]: p for p in report["per_image"]}
     for key, p in per.items():

@@ -191,6 +191,7 @@ def test_two_epochs_write_the_run_folder_then_resume_and_restart(shards, tmp_pat
     assert ckpt["epoch"] == 2 and ckpt["model"]["base_channels"] == 4
     assert ckpt["provenance"]["world_size"] == 1 and len(ckpt["provenance"]["dataset_json_sha256"]) == 64
     assert ckpt["config"]["train"]["epochs"] == 2
+    assert ckpt["qc_reference"] == info["qc_reference"] and ckpt["qc_reference"]["count"] > 0  # for prediction QC
     torch.load(run / "last" / "state.pth", weights_only=True)  # resumable state is weights_only too
 
     mtime = (run / "history.csv").stat().st_mtime_ns

@@ -27,4 +27,15 @@ if [ "${SEG_SLURM_TESTS:-1}" != 0 ]; then
   [ -z "${SEG_SLURM:-}" ] || source "$(bash tools/slurm_cluster.sh env)"
 fi
 
+# --- Chromium: the report's browser test (tools/chromium.sh) -----------------------------------
+# Installed with apt-get when missing (root). SEG_BROWSER=1 tells the test a browser is meant to be
+# there: it fails instead of skipping, as with CI=true (tests/browser_fixtures.py).
+if [ "${SEG_BROWSER_TESTS:-1}" != 0 ]; then
+  if why="$(bash tools/chromium.sh install 2>&1)"; then
+    export SEG_BROWSER=1
+  else
+    echo "[test] no Chromium ($why): the browser test will $([ "${CI:-}" = true ] && echo fail || echo skip)"
+  fi
+fi
+
 python -m pytest "$@"

@@ -107,6 +107,10 @@ class PredictConfig(InferenceConfig):
     progress: bool = True
     """Progress display (a bar on a terminal, periodic lines in a log)."""
 
+    qc: bool = True
+    """Per-image quality control: a qc record per image in manifest.jsonl and the qc/ tables
+    merged into qc.csv by --summarize (docs/FORMATS.md)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("num_workers", "writer_threads"):

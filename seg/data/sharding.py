@@ -41,6 +41,7 @@ import webdataset as wds
 from seg.data.io import ImageReadError, check_same_size, decode_image, decode_mask_info, encode_mask_png
 from seg.data.io import opencv_threads, read_bytes, to_float01
 from seg.data.pairing import DEFAULT_MASK_SUFFIXES, Pair, Problem, find_pairs, read_pairs_csv, split_of
+from seg.data.qc_reference import build_reference, mask_stats
 from seg.data.volume_prepare import groups_record, input_kind, prepare_volume_dataset, split_groups
 from seg.fileio import AtomicFile, atomic_write_json, is_temporary
 from seg.progress import progress_bar
@@ -79,6 +80,7 @@ def _validate(pair: Pair, val_split: float, labelled: bool) -> dict | Problem:
             mask, n_values = decode_mask_info(read_bytes(pair.mask), str(pair.mask))
             check_same_size(image, mask, str(pair.image), str(pair.mask))
             meta["foreground_fraction"] = float(mask.mean())
+            out["mask_stats"] = mask_stats(mask)  # for the QC reference (seg.data.qc_reference)
             out["mask_png"] = encode_mask_png(mask)
             out["multi_value"] = n_values > 2
     except ImageReadError as exc:
@@ -289,6 +291,7 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
     series = {n: ShardSeries(out, n, shard_size, shard_bytes) for n in names}
     sizes, fg, multi = ([], []), [], 0
     written_keys: list[str] = []
+    qc_stats: dict[str, list] = {n: [] for n in names}
     s, ss, npix = {n: np.zeros(3) for n in names}, {n: np.zeros(3) for n in names}, dict.fromkeys(names, 0)
     try:
         bar = progress_bar(total=len(pairs), unit="pair", desc="prepare", disable=not progress)
@@ -307,6 +310,7 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
                     sample["mask.png"] = r["mask_png"]
                     fg.append(r["meta"]["foreground_fraction"])
                     multi += r["multi_value"]
+                    qc_stats[r["split"]].append(r["mask_stats"])
                 series[r["split"]].write(sample)
                 sizes[0].append(r["meta"]["height"])
                 sizes[1].append(r["meta"]["width"])
@@ -341,6 +345,8 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
             "skipped": [p.as_dict() for p in problems]}
     if groups is not None:
         info["groups"] = groups_record({k: groups[k] for k in written_keys}, group_by, names)
+    if labelled:  # the training masks' distribution, for prediction QC (seg.inference.qc)
+        info["qc_reference"] = build_reference(qc_stats[stat_split], stat_split)
     atomic_write_json(out / "dataset.json", info)
     return info
 

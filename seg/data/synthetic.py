@@ -34,28 +34,35 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
-def _blob_mask(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Union of 1-4 ellipses with wobbly edges; retried until 5-45 % of the image is covered."""
+def _blob_mask(rng: np.random.Generator, size: int, scale: float = 1.0) -> np.ndarray:
+    """Union of 1-4 ellipses with wobbly edges; retried until 5-45 % of the image is covered
+    (``scale`` multiplies the ellipse axes, and the coverage bounds by ``scale**2``)."""
+    lo, hi = max(0.002, 0.05 * scale**2), min(0.9, 0.45 * scale**2)
     for _ in range(20):
         field = np.zeros((size, size), np.float32)
         for _ in range(rng.integers(1, 5)):
-            axes = (int(size * rng.uniform(0.07, 0.22)), int(size * rng.uniform(0.07, 0.22)))
+            axes = (max(1, int(size * rng.uniform(0.07, 0.22) * scale)), max(1, int(size * rng.uniform(0.07, 0.22) * scale)))
             centre = (int(rng.uniform(0.15, 0.85) * size), int(rng.uniform(0.15, 0.85) * size))
             cv2.ellipse(field, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
         field = cv2.GaussianBlur(field, (0, 0), size / 40) + 0.25 * _smooth_noise(rng, size, 10)
         mask = field > 0.5
-        if 0.05 <= mask.mean() <= 0.45:
+        if lo <= mask.mean() <= hi:
             return mask
     return mask
 
 
-def make_demo_sample(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def make_demo_sample(rng: np.random.Generator, size: int = 128, scale: float = 1.0,
+                     contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic image and its mask.
+
+    Args:
+        scale: object size factor (1 = the training range of the default data set).
+        contrast: factor on the foreground's brightness shift and stripe amplitude.
 
     Shape:
         returns ``image uint8 (size, size, 3)`` RGB and ``mask bool (size, size)``.
     """
-    mask = _blob_mask(rng, size)
+    mask = _blob_mask(rng, size, scale)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle)  # about [-0.7, 0.7]
@@ -63,8 +70,8 @@ def make_demo_sample(rng: np.random.Generator, size: int = 128) -> tuple[np.ndar
     clouds = 0.08 * _smooth_noise(rng, size, 24)
     theta, period = rng.uniform(0, np.pi), rng.uniform(4.0, 7.0)
     stripes = np.sin(2 * np.pi * size * (xx * np.cos(theta) + yy * np.sin(theta)) / period)
-    fg_shift = rng.uniform(0.02, 0.08)
-    grey = light + np.where(mask, fg_shift + 0.12 * stripes, clouds)
+    fg_shift = rng.uniform(0.02, 0.08) * contrast
+    grey = light + np.where(mask, fg_shift + 0.12 * contrast * stripes, clouds)
     grey = grey + rng.normal(0.0, 0.035, grey.shape)
     grey = (grey - 0.5) * rng.uniform(0.6, 1.2) + 0.5 + rng.uniform(-0.1, 0.1)
     tint = 1.0 + rng.uniform(-0.12, 0.12, 3)
@@ -72,7 +79,9 @@ def make_demo_sample(rng: np.random.Generator, size: int = 128) -> tuple[np.ndar
     return (np.clip(rgb, 0.0, 1.0) * 255 + 0.5).astype(np.uint8), mask
 
 
-def make_demo_dataset(out: str | Path, n: int = 200, size: int = 128, seed: int = 0) -> Path:
+def make_demo_dataset(out: str | Path, n: int = 200, size: int = 128, seed: int = 0,
+                      size_scale: tuple[float, float] = (1.0, 1.0), contrast: tuple[float, float] = (1.0, 1.0),
+                      prefix: str = "") -> Path:
     """Write ``n`` image/mask pairs to ``out/images`` and ``out/masks``; returns ``out``.
 
     Args:
@@ -80,6 +89,10 @@ def make_demo_dataset(out: str | Path, n: int = 200, size: int = 128, seed: int 
         n: number of pairs.
         size: image side in pixels (square images).
         seed: the same seed writes byte-identical files.
+        size_scale, contrast: ranges of the per-image object size and contrast factors, drawn
+            log-uniformly (a distribution shift against the default ``(1, 1)``; the factors come
+            from their own random stream, so the defaults write the same files as before).
+        prefix: file name prefix (``{prefix}NNNN.png``), to combine several sets in one folder.
     """
     if n < 1 or size < 16:
         raise ValueError(f"make_demo_dataset: n={n} must be >= 1 and size={size} >= 16")
@@ -87,10 +100,13 @@ def make_demo_dataset(out: str | Path, n: int = 200, size: int = 128, seed: int 
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        image, mask = make_demo_sample(np.random.default_rng([seed, i]), size)
+        shift = np.random.default_rng([seed, i, 1])
+        scale = float(np.exp(shift.uniform(*np.log(size_scale)))) if size_scale != (1.0, 1.0) else 1.0
+        gain = float(np.exp(shift.uniform(*np.log(contrast)))) if contrast != (1.0, 1.0) else 1.0
+        image, mask = make_demo_sample(np.random.default_rng([seed, i]), size, scale, gain)
         ok1, img_png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         ok2, mask_png = cv2.imencode(".png", mask.astype(np.uint8) * 255)
         assert ok1 and ok2
-        atomic_write_bytes(out / "images" / f"{i:04d}.png", img_png.tobytes(), fsync=False)
-        atomic_write_bytes(out / "masks" / f"{i:04d}_mask.png", mask_png.tobytes(), fsync=False)
+        atomic_write_bytes(out / "images" / f"{prefix}{i:04d}.png", img_png.tobytes(), fsync=False)
+        atomic_write_bytes(out / "masks" / f"{prefix}{i:04d}_mask.png", mask_png.tobytes(), fsync=False)
     return out

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Iterable
 
 from seg.config.inference import EvaluateConfig
+from seg.data.qc_reference import reference_from
 from seg.dist import DistEnv
-from seg.evaluation import panels, plots, report as report_mod
+from seg.evaluation import panels, plots, qc_ranking, report as report_mod
 from seg.evaluation.scoring import (Evaluation, RankScores, gather_payloads, merge, shared_errors)
 from seg.evaluation.sources import LabelledImages, MaskPairs, Scorable
+from seg.inference.qc import ImageQC
 from seg.fileio import remove_stale_temporaries
 
 
@@ -61,10 +63,14 @@ def _batches(items: Iterable[Scorable], size: int):
 def _score_model(source: LabelledImages, predictor, scores: RankScores, env: DistEnv, cfg: EvaluateConfig) -> None:
     with _bar(env, source.count_for(env.rank, env.world_size), cfg.progress,
               "predict+evaluate" + (f" (rank 0 of {env.world_size})" if env.is_distributed else "")) as bar:
+        qc = ImageQC(predictor.threshold, reference_from(predictor.checkpoint))
         for batch in _batches(source.assigned(env.rank, env.world_size, cfg.workers), predictor.batch_size):
             probs = predictor.predict_probabilities([item.image for item in batch])
-            for item, prob in zip(batch, probs):
-                scores.add(item.index, item.key, item.truth, prob=prob, image=item.image)
+            flips = predictor.pop_flip_dice()  # per image in resize mode; tile mode: per tile, not used
+            flips = flips if flips is not None and len(flips) == len(batch) else [None] * len(batch)
+            for item, prob, flip in zip(batch, probs, flips):
+                scores.add(item.index, item.key, item.truth, prob=prob, image=item.image,
+                           qc=qc(prob, item.image, None if flip is None else float(flip)))
             bar.update(len(batch))
 
 
@@ -105,7 +111,10 @@ def evaluate_masks(cfg: EvaluateConfig, env: DistEnv) -> tuple[Evaluation | None
     if ignored and env.is_main:
         print(f"note: {ignored} file(s) in --pred_dir {cfg.pred_dir} have no truth in --gt_dir and are not scored")
     scores = RankScores(threshold=None, sweep=False, worst_k=cfg.worst_k, num_samples=cfg.num_samples)
-    return _run(lambda: _score_masks(source, scores, env, cfg), scores, env, cfg), source.description
+    evaluation = _run(lambda: _score_masks(source, scores, env, cfg), scores, env, cfg)
+    if evaluation is not None:  # QC recorded by seg predict in the folder's manifest, if any
+        evaluation.qc = qc_ranking.manifest_qc(cfg.pred_dir)
+    return evaluation, source.description
 
 
 def evaluate_volume_masks(cfg: EvaluateConfig, env: DistEnv) -> tuple[Evaluation | None, str]:
@@ -151,6 +160,13 @@ def evaluate_model(cfg: EvaluateConfig, env: DistEnv) -> tuple[Evaluation | None
     return evaluation, f"model {cfg.model_path} on {source.description}"
 
 
+def read_report(output_dir: Path) -> dict:
+    """The ``evaluation_report.json`` written by ``write_outputs``."""
+    import json
+
+    return json.loads((Path(output_dir) / "evaluation_report.json").read_text())
+
+
 def write_outputs(evaluation: Evaluation, source: str, output_dir: Path) -> dict[str, Path]:
     """Write the report files and plots; returns {name: path}."""
     output_dir = Path(output_dir)
@@ -158,15 +174,22 @@ def write_outputs(evaluation: Evaluation, source: str, output_dir: Path) -> dict
     remove_stale_temporaries(output_dir, recursive=False)
     doc = report_mod.build_report(evaluation.report, evaluation.sweep)
     worst = [(t.key, t.dice) for t in evaluation.worst]
+    dice = {p["id"]: p["dice"] for p in doc["per_image"]}
+    qc = qc_ranking.qc_section(dice, evaluation.qc) if evaluation.qc else None
+    if qc is not None:  # how well qc_score ranks quality (seg.evaluation.qc_ranking)
+        doc["qc"] = qc
+    text = report_mod.format_text(doc, evaluation.sweep, source, worst)
     out = {
         "report": report_mod.write_json(doc, output_dir),
-        "text": report_mod.write_text(report_mod.format_text(doc, evaluation.sweep, source, worst), output_dir),
+        "text": report_mod.write_text(text + ("\n".join(qc_ranking.text_lines(qc)) + "\n" if qc else ""), output_dir),
         "confusion_matrix": plots.confusion_matrix(doc, output_dir / "confusion_matrix.png"),
         "metrics_distribution": plots.metrics_distribution(doc, output_dir / "metrics_distribution.png"),
         "metrics_summary": plots.metrics_summary(doc, output_dir / "metrics_summary.png"),
         "sample_predictions": panels.sample_predictions(evaluation.samples, doc, output_dir / "sample_predictions.png"),
         "worst_cases": panels.worst_cases(evaluation.worst, doc, output_dir / "worst_cases.png"),
     }
+    if qc is not None:
+        out["qc_vs_dice"] = qc_ranking.plot_qc_vs_dice(qc, dice, output_dir / "qc_vs_dice.png")
     if evaluation.sweep is not None:
         out["threshold_sweep"] = plots.threshold_sweep(evaluation.sweep, doc, output_dir / "threshold_sweep.png")
     if "per_volume" in doc:

@@ -114,9 +114,11 @@ class RankScores:
     sweeps: dict[str, np.ndarray] = field(default_factory=dict)
     samples: dict[str, Thumbnail] = field(default_factory=dict)
     worst: dict[str, Thumbnail] = field(default_factory=dict)
+    qc: dict[str, dict] = field(default_factory=dict)  # per-image QC records (seg.inference.qc), model mode
 
     def add(self, index: int, key: str, truth: np.ndarray, pred: np.ndarray | None = None,
-            prob: np.ndarray | None = None, image: "np.ndarray | ImageSource | None" = None) -> np.ndarray:
+            prob: np.ndarray | None = None, image: "np.ndarray | ImageSource | None" = None,
+            qc: dict | None = None) -> np.ndarray:
         """Score one image; returns its ``[tp, fp, fn, tn]``.
 
         Args:
@@ -126,6 +128,7 @@ class RankScores:
             pred: bool ``(H, W)`` prediction (mask mode), or
             prob: float ``(H, W)`` probabilities, thresholded at ``self.threshold`` (model mode).
             image: the image, or a function returning it (called only if a panel needs it).
+            qc: the image's QC record, kept for the report's ``qc`` key.
         """
         if key in self.counts:
             raise ValueError(f"image id {key!r} occurs twice in the evaluated data (a shard or folder given twice?); "
@@ -138,6 +141,8 @@ class RankScores:
         else:
             counts = confusion_counts(pred[None], truth[None], 0.5)[0]
         self.counts[key] = counts
+        if qc is not None:
+            self.qc[key] = qc
         dice = float(metrics_from_counts(counts)["dice"][0])
         want_sample = index < self.num_samples
         rank_key = (dice, key)
@@ -155,7 +160,8 @@ class RankScores:
         return counts
 
     def payload(self) -> dict:
-        return {"counts": self.counts, "sweeps": self.sweeps, "samples": self.samples, "worst": self.worst}
+        return {"counts": self.counts, "sweeps": self.sweeps, "samples": self.samples, "worst": self.worst,
+                "qc": self.qc}
 
 
 @dataclass
@@ -166,6 +172,7 @@ class Evaluation:
     sweep: dict | None
     samples: list[Thumbnail]
     worst: list[Thumbnail]
+    qc: dict = field(default_factory=dict)  # {id: QC record}: model mode, or the --pred_dir manifest
 
 
 def sweep_table(sweeps: dict[str, np.ndarray]) -> dict:
@@ -188,6 +195,7 @@ def merge(payloads: list[dict], threshold: float | None, worst_k: int, num_sampl
     sweeps: dict[str, np.ndarray] = {}
     samples: dict[str, Thumbnail] = {}
     worst: dict[str, Thumbnail] = {}
+    qc: dict[str, dict] = {}
     for p in payloads:
         duplicated = set(p["counts"]) & set(acc.counts)
         if duplicated:  # each index goes to one rank, so a repeated id is in the data itself
@@ -198,10 +206,11 @@ def merge(payloads: list[dict], threshold: float | None, worst_k: int, num_sampl
         sweeps.update(p["sweeps"])
         samples.update(p["samples"])
         worst.update(p["worst"])
+        qc.update(p.get("qc", {}))
     report = acc.summary(per_image=True)
     ordered = sorted(worst.values(), key=lambda t: (t.dice, t.key))[:worst_k]
     return Evaluation(report, sweep_table(sweeps) if sweeps else None,
-                      [samples[k] for k in sorted(samples)][:num_samples], ordered)
+                      [samples[k] for k in sorted(samples)][:num_samples], ordered, qc)
 
 
 def init_process_group(env: DistEnv) -> bool:

@@ -33,7 +33,8 @@ Design choices:
   comes from ``seg.precision`` (one vocabulary and 'auto' rule with training). Outputs are
   always float32 probabilities.
 - ``tta=True`` averages the probabilities of the image and its horizontal, vertical and double
-  flips (4 forwards per image).
+  flips (4 forwards per image), and records the flips' agreement for QC (``seg.inference.tta``;
+  read with ``pop_flip_dice``).
 - torch is imported here, not by the CLI entry, so ``seg predict --help`` stays fast.
 - Checkpoints trained on NIfTI volume slices carry ``preprocess["volume"]`` (slice axis,
   normalisation); the ``Preprocessor`` carries it to the decoding processes
@@ -54,7 +55,9 @@ from seg.checkpoint import file_sha256, load_checkpoint
 from seg.config.inference import InferenceConfig
 from seg.model import build_model
 from seg.inference.tiling import predict_tiled
+from seg.inference.tta import flip_average
 from seg.precision import autocast_dtype, resolve_precision
+
 
 def model_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     """Convert an image to the model's channel count (grey repeated to RGB, RGB to grey).
@@ -212,6 +215,15 @@ class Predictor:
         self._std = torch.as_tensor(self.preprocessor.std, device=self.device).view(1, -1, 1, 1)
         model = cast_for_autocast(fold_batchnorm(build_from_checkpoint(ckpt)).to(self.device), self.autocast_dtype)
         self.model = model.to(memory_format=torch.channels_last).eval()
+        self._flip_dice: list[np.ndarray] = []
+
+    def pop_flip_dice(self) -> np.ndarray | None:
+        """Flip agreement (``seg.inference.tta``) of every network input forwarded since the last
+        call, in order, and forget it; None without TTA. Shape: ``(N,)`` float32."""
+        if not self.tta:
+            return None
+        values, self._flip_dice = self._flip_dice, []
+        return np.concatenate(values) if values else np.zeros(0, np.float32)
 
     # ---- CPU side: delegated to the picklable Preprocessor (DataLoader workers use it) --------
     def normalise(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -278,11 +290,8 @@ class Predictor:
                 x = x_all[i:i + self.batch_size].to(self.device, non_blocking=True)
                 x = x.contiguous(memory_format=torch.channels_last)  # no copy when already so
                 if self.tta:
-                    prob = self._probabilities(x)
-                    prob += self._probabilities(x.flip(-1)).flip(-1)
-                    prob += self._probabilities(x.flip(-2)).flip(-2)
-                    prob += self._probabilities(x.flip(-2, -1)).flip(-2, -1)
-                    prob /= 4
+                    prob, agreement = flip_average(self._probabilities, x, self.threshold)
+                    self._flip_dice.append(agreement.cpu().numpy())  # QC signal, see pop_flip_dice
                 else:
                     prob = self._probabilities(x)
                 out.append(prob.cpu().numpy())

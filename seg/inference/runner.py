@@ -16,6 +16,9 @@ Design choices:
 - Units already in the manifest with this model are skipped (their recorded inputs must equal
   the planned ones). Stale temporaries are removed per finished unit, by output name, never
   folder-wide: another worker may be writing into the same folder at the same moment.
+- Quality control (``seg.inference.qc``, unless ``PredictConfig.qc`` is off) is computed by the
+  writers; a finished unit's QC rows go to this worker's ``qc/`` table
+  (``seg.inference.qc_table``) just before its manifest line.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seg.config.inference import PredictConfig
+from seg.data.qc_reference import reference_from
 from seg.fileio import TMP_MARK
 from seg.inference.engine import Predictor
 from seg.inference.inputs import Unit, units_for_worker
 from seg.inference.loader import Chunk, Failure, Item, UnitEnd, UnitStream, record_loader
 from seg.inference.manifest import FAILURES, MANIFEST, append_lines, check_model, check_unit_inputs, read_manifest
+from seg.inference.qc import ImageQC
+from seg.inference.qc_table import append_unit_rows
 from seg.inference.volumes import output_names
 from seg.inference.writers import UnitSink, Writers
 
@@ -137,6 +143,8 @@ class CohortRun:
                   "seconds": round(time.perf_counter() - state.started, 3), "worker": self.worker,
                   "num_workers": self.num_workers, "host": socket.gethostname(), "pid": os.getpid(),
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if self.cfg.qc:
+            append_unit_rows(self.out_dir, self.worker, self.num_workers, unit.id, images)
         append_lines(self.out_dir / MANIFEST, [record])
         self.done_units += 1
         del self.states[unit.index]
@@ -154,14 +162,16 @@ class CohortRun:
         if self.first_batch_start_s is None:
             self.first_batch_start_s = process_age()
         probs = self.p.forward_raw(batch)
+        flips = self.p.pop_flip_dice()  # TTA flip agreement per image, or None
         self._mark_first_batch()
         start = 0
         for end in range(1, len(pending) + 1):  # one writer job per run of same-unit images
             if end == len(pending) or pending[end].unit != pending[start].unit:
                 state = self._state(pending[start].unit)
                 state.futures.append(writers.submit_many(state.sink, [
-                    (it.source, it.rel, prob, it.size, it.image, it.slice)
-                    for it, prob in zip(pending[start:end], probs[start:end])]))
+                    (it.source, it.rel, prob, it.size, it.image, it.slice,
+                     (it.x, None if flips is None else float(flips[k])))
+                    for k, it, prob in zip(range(start, end), pending[start:end], probs[start:end])]))
                 state.submitted += end - start
                 start = end
         pending.clear()
@@ -185,9 +195,11 @@ class CohortRun:
             if self.first_batch_start_s is None:
                 self.first_batch_start_s = process_age()
             prob = self.p.predict_tiled(item.x.numpy())
+            flips = self.p.pop_flip_dice()  # one value per tile: the image's is their mean
             self._mark_first_batch()
+            flip = None if flips is None or not len(flips) else float(flips.mean())
             state.futures.append(writers.submit(state.sink, item.source, item.rel, prob, item.size, item.image,
-                                                item.slice))
+                                                item.slice, (item.x, flip)))
             state.submitted += 1
             return
         if pending and pending[0].x.dtype != item.x.dtype:  # 8- and 16-bit scale differently
@@ -221,7 +233,8 @@ class CohortRun:
         # resize mode: a writer job is a batch (of one unit), so room for two batches in flight;
         # tile mode: whole-size maps, one per job, the writers' default bound
         room = None if self.p.mode == "tile" else max(4 * self.cfg.writer_threads, 2 * self.p.batch_size)
-        writers = Writers(self.p.threshold, self.cfg.save_overlay, self.cfg.save_probability, self.cfg.writer_threads, room)
+        writers = Writers(self.p.threshold, self.cfg.save_overlay, self.cfg.save_probability, self.cfg.writer_threads,
+                          room, qc=ImageQC(self.p.threshold, reference_from(self.p.checkpoint)) if self.cfg.qc else None)
         stream = UnitStream(todo, self.p.preprocessor, keep_image=self.cfg.save_overlay,
                             chunk=1 if self.p.mode == "tile" else min(self.p.batch_size, 64))
         pending: list[Item] = []

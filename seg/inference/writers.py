@@ -24,6 +24,8 @@ Design choices:
 - PNG files are not fsync'ed one by one (that would cost more than encoding them); the rename
   protects against process kills and preemption. Against a machine crash, ``--format tar`` (one
   fsync'ed file per unit) is the safe choice.
+- Quality control (``seg.inference.qc``) runs here too, on the full-size probability map the
+  thread already holds; its record goes into the image's manifest entry under ``qc``.
 """
 
 from __future__ import annotations
@@ -178,13 +180,14 @@ class Writers:
         threshold: probability threshold for masks.
         overlay, probability: also write ``_overlay.png`` / ``_prob.png``.
         threads: writer threads.
+        qc: per-image quality control (``seg.inference.qc.ImageQC``), or None for none.
         max_pending: images queued or being written before ``submit`` blocks (default 4 x
             threads); a job larger than this waits until nothing else is in flight.
     """
 
     def __init__(self, threshold: float, overlay: bool = False, probability: bool = False,
-                 threads: int = 4, max_pending: int | None = None):
-        self.threshold, self.overlay, self.probability = threshold, overlay, probability
+                 threads: int = 4, max_pending: int | None = None, qc=None):
+        self.threshold, self.overlay, self.probability, self.qc = threshold, overlay, probability, qc
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="seg-writer")
         self.max_pending = max_pending or 4 * threads
         self.pending = 0  # images queued or being written
@@ -202,18 +205,28 @@ class Writers:
             self.room.notify_all()
 
     def _one(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
-             image: np.ndarray | None, slice: tuple[int, int, int] | None = None) -> dict | None:
+             image: np.ndarray | None, slice: tuple[int, int, int] | None = None,
+             qc_in: tuple | None = None) -> tuple[dict | None, np.ndarray | None, tuple | None]:
+        """(record or None, probability map for QC or None, QC inputs) of one image or slice."""
         prob = Predictor.restore(prob, size)
         if slice is not None:  # a volume's slice: the volume's record once its last slice is in
-            return sink.volumes.add(sink, source, rel, slice, prob > self.threshold)
+            return sink.volumes.add(sink, source, rel, slice, prob > self.threshold), None, None
         image = image.numpy() if hasattr(image, "numpy") else image
         files, fg = encode_outputs(prob, self.threshold, image, self.overlay, self.probability)
         for suffix, data in files.items():
             sink.write(rel + suffix, data)
-        return {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}
+        # qc_in: (pixels for the intensity check, flip agreement or None)
+        record = {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}
+        return (record, prob, qc_in or (image, None)) if self.qc is not None else (record, None, None)
 
     def _job(self, sink: UnitSink, items: list[tuple]) -> list[dict]:
-        return [r for r in (self._one(sink, *item) for item in items) if r is not None]
+        done = [self._one(sink, *item) for item in items]
+        measured = [(record, prob, q) for record, prob, q in done if prob is not None]
+        if measured:  # the job's maps measured together (ImageQC.many: per-call cost dominates)
+            qcs = self.qc.many([p for _, p, _ in measured], [q[0] for *_, q in measured], [q[1] for *_, q in measured])
+            for (record, _, _), qc in zip(measured, qcs):
+                record["qc"] = qc
+        return [record for record, _, _ in done if record is not None]
 
     def submit_many(self, sink: UnitSink, items: list[tuple]) -> Future:
         """Queue the outputs of several images of one unit as one job (one thread handoff, one
@@ -221,7 +234,7 @@ class Writers:
         blocks while ``max_pending`` images are in flight. The future's result is one record per item.
 
         Args:
-            items: ``(source, rel, prob, size, image[, slice])`` tuples, as ``submit`` takes them.
+            items: ``(source, rel, prob, size, image[, slice[, qc_in]])`` tuples, as ``submit`` takes them.
         """
         items = list(items)
         n = len(items)
@@ -235,14 +248,19 @@ class Writers:
         return future
 
     def submit(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
-               image: np.ndarray | None = None, slice: tuple[int, int, int] | None = None) -> Future:
+               image: np.ndarray | None = None, slice: tuple[int, int, int] | None = None,
+               qc_in: tuple | None = None) -> Future:
         """Queue one image's outputs (a job of one; see ``submit_many``). The future's result is a
         list holding the image's record.
+
+        Args:
+            qc_in: ``(pixels, flip_dice)`` for QC: any view of the input image (the prepared
+                pixels do) for the intensity check, and the TTA flip agreement or None.
 
         Shape:
             prob: ``(h, w)`` float32 at the network's size (resized back to ``size`` here).
         """
-        return self.submit_many(sink, [(source, rel, prob, size, image, slice)])
+        return self.submit_many(sink, [(source, rel, prob, size, image, slice, qc_in)])
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

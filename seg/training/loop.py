@@ -40,6 +40,7 @@ import torch
 
 from seg.config import Config, config_to_dict
 from seg.config.training import ModelConfig
+from seg.data.qc_reference import reference_from
 from seg.losses import build_loss
 from seg.model import build_model
 from seg.progress import progress_bar, write_line
@@ -170,7 +171,8 @@ class Trainer:
         self.provenance = collect_provenance(self.spec.data_dir, a.num_processes, t.seed,
                                              resolve_mixed_precision(t.mixed_precision), argv)
         self.folder = RunFolder(self.run_dir, dict(preprocess=self.spec.preprocess, threshold=t.threshold,
-                                                   config=config_to_dict(cfg), provenance=self.provenance))
+                                                   config=config_to_dict(cfg), provenance=self.provenance,
+                                                   qc_reference=reference_from(self.spec.info)))
 
     def log(self, text: str) -> None:
         if self.accelerator.is_main_process:

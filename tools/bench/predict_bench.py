@@ -1,7 +1,8 @@
 """Benchmarks of `seg predict` (CPU figures for docs/BENCHMARKS.md). Run when the machine is quiet.
 
     python tools/bench/predict_bench.py --work /tmp/predict_bench            # everything
-    python tools/bench/predict_bench.py --only reference|compute|tiny|tile  # one part
+    python tools/bench/predict_bench.py --only reference|compute|tiny|tile|qc  # one part
+    python tools/bench/predict_bench.py --only qc --qc_case tiny|big            # one QC cohort
 
 Parts:
   reference  the same cohort (100 images 256x256 JPEG) and the same 31M U-Net (random weights:
@@ -16,6 +17,13 @@ Parts:
              20,000 images (process tree sampled every 50 ms).
   tile       sliding-window prediction of one 8192x8192 RGB image (tiny model, 256px tiles),
              peak RSS.
+  qc         the cost of per-image quality control (seg.inference.qc) without --tta: `seg predict`
+             with QC (the default) and with --no_qc on the same cohorts, side by side, rounds
+             interleaved (on/off/on/off/...), best round of each: 5,000 tiny 32 px PNGs (tiny
+             model, batch 64) and 100 256 px JPEGs (31M model, batch 8). Images/s whole process
+             and steady state, the throughput ratio QC on / QC off, and the CPU seconds of the
+             whole process tree (getrusage of reaped children: steadier than wall time on a
+             shared machine) with the share QC adds.
 Prints one line per figure and a JSON summary at the end.
 """
 
@@ -66,7 +74,9 @@ def make_images(folder: Path, n: int, side: int, ext: str = ".jpg") -> Path:
 def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Wall time and peak RSS (main process, and whole process tree) of a command."""
     import psutil
+    import resource
 
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # CPU of reaped descendants, recursively
     start = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
@@ -81,9 +91,11 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
         time.sleep(0.05)
     out, err = proc.communicate()
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
-    return {"seconds": round(seconds, 2), "peak_rss_main_mb": round(peak_main / 2**20),
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_main_mb": round(peak_main / 2**20),
             "peak_rss_tree_mb": round(peak_tree / 2**20), "stdout": out.strip().splitlines()[-3:]}
 
 
@@ -204,14 +216,55 @@ def part_tile(work: Path, side: int = 8192) -> dict:
     return res
 
 
+def part_qc(work: Path, rounds: int = 3, only: str | None = None) -> dict:
+    cases = {}
+    if only in (None, "tiny"):
+        cases["tiny 32px x5000"] = (make_images(work / "qc_tiny5000_32px", 5000, 32, ext=".png"),
+                                    checkpoint(work / "unet_base4_32.pth", 4, 32), 64)
+    if only in (None, "big"):
+        cases["31M 256px x100"] = (make_images(work / "qc_cohort256", 100, 256),
+                                   checkpoint(work / "unet31m_256.pth", 64, 256), 8)
+    out = {}
+    for name, (images, ckpt, batch) in cases.items():
+        n = len(list(images.iterdir()))
+        runs: dict[str, list] = {"on": [], "off": []}
+        for _ in range(rounds):
+            for mode in ("on", "off"):
+                extra = [] if mode == "on" else ["--no_qc"]
+                res = measure(seg_predict(["--model_path", ckpt, "--image_dir", images, "--batch_size", batch,
+                                           "--num_workers", 1, "--writer_threads", 2,
+                                           "--output_dir", fresh(work / f"qc_{mode}"), *extra]))
+                res.update(parse_summary(res["stdout"]))
+                res["images_per_s"] = round(n / res["seconds"], 2)
+                runs[mode].append(res)
+        best = {m: max(r, key=lambda x: x["images_per_s"]) for m, r in runs.items()}
+        cpu = {m: min(x["cpu_seconds"] for x in r) for m, r in runs.items()}  # CPU of the whole process tree
+        steady = {m: max((x["steady_images_per_s"] or 0) for x in r) for m, r in runs.items()}
+        ratio = best["on"]["images_per_s"] / best["off"]["images_per_s"]
+        steady_ratio = steady["on"] / steady["off"] if steady["off"] else None
+        print(f"QC cost, {name}: with QC {best['on']['images_per_s']} img/s (steady {steady['on']}), "
+              f"--no_qc {best['off']['images_per_s']} img/s (steady {steady['off']}): ratio {ratio:.3f} "
+              f"(steady {steady_ratio:.3f}); all rounds on {[r['images_per_s'] for r in runs['on']]}, "
+              f"off {[r['images_per_s'] for r in runs['off']]}; CPU seconds (process tree, least of the rounds) "
+              f"with QC {cpu['on']}, --no_qc {cpu['off']}: QC adds {100 * (cpu['on'] / cpu['off'] - 1):.1f} %", flush=True)
+        out[name] = {"on": [r["images_per_s"] for r in runs["on"]], "off": [r["images_per_s"] for r in runs["off"]],
+                     "steady_on": steady["on"], "steady_off": steady["off"], "ratio": round(ratio, 3),
+                     "cpu_on": [r["cpu_seconds"] for r in runs["on"]], "cpu_off": [r["cpu_seconds"] for r in runs["off"]],
+                     "cpu_added": round(cpu["on"] / cpu["off"] - 1, 4),
+                     "steady_ratio": None if steady_ratio is None else round(steady_ratio, 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="/tmp/predict_bench")
-    parser.add_argument("--only", choices=("reference", "compute", "tiny", "tile"), action="append")
+    parser.add_argument("--only", choices=("reference", "compute", "tiny", "tile", "qc"), action="append")
+    parser.add_argument("--qc_case", choices=("tiny", "big"), default=None, help="qc part: one of its two cohorts")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    parts = {"reference": part_reference, "compute": part_compute, "tiny": part_tiny, "tile": part_tile}
+    parts = {"reference": part_reference, "compute": part_compute, "tiny": part_tiny, "tile": part_tile,
+             "qc": lambda w: part_qc(w, only=args.qc_case)}
     results = {name: fn(work) for name, fn in parts.items() if not args.only or name in args.only}
     print(json.dumps(results, indent=1, default=str))
 
