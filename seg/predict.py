@@ -52,10 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "also a visualization with the probability map)")
     a("--format", choices=("png", "tar"), default="png", help="png files, or one tar per unit")
     a("--batch_size", type=int, default=8, help="images (or tiles) per forward")
-    a("--num_workers", type=int, default=2, help="decoding processes per rank (0: decode in the main process)")
+    a("--num_workers", type=int, default=2, help="decoding threads (image files) or processes (shards) per rank "
+                                                  "(0: decode in the main thread)")
     a("--writer_threads", type=int, default=4, help="threads encoding and writing outputs")
     a("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="autocast precision")
     a("--device", default="auto", help="auto (this rank's GPU, else CPU), cpu, cuda, cuda:N")
+    a("--compile", choices=("off", "default", "reduce-overhead", "max-autotune"), default="off",
+      help="torch.compile the model for the fixed batch shape (CUDA, resize mode; pays off on long cohorts)")
     a("--tta", action="store_true", help="average predictions of horizontal/vertical flips (4x compute)")
     a("--tile_size", type=int, default=None, help="predict at native resolution with tiles of this side "
                                                   "(default: only for sampling=patch checkpoints, tile = training size)")
@@ -112,7 +115,8 @@ def _cohort(args, predictor, out_dir) -> int:
     opts = RunOptions(out_dir=out_dir, fmt=args.format, overlay=args.save_overlay,
                       probability=args.save_probability or args.show_probability,
                       loader_workers=args.num_workers, writer_threads=args.writer_threads,
-                      overwrite=args.overwrite, progress=not args.no_progress, position=read_dist_env().local_rank)
+                      overwrite=args.overwrite, progress=not args.no_progress, position=read_dist_env().local_rank,
+                      compile=args.compile)
     s = CohortRun(predictor, units, worker, num_workers, opts).run()
     first = (f"; first batch in the model {s['first_batch_start_s']:.2f} s after start, done at "
              f"{s['first_batch_s']:.2f} s") if s["first_batch_s"] is not None else ""

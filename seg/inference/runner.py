@@ -8,6 +8,13 @@ Design choices:
   ``batch_size`` images form a batch; in tile mode each image's tiles are batched), and a
   bounded pool of writer threads resizes back, encodes and writes (``seg.inference.writers``).
   Memory is bounded by prefetch + one batch + the writers' queue, never by the cohort.
+- Batches are cut from the decoded chunks without unpacking them: a batch that is one whole
+  chunk is its tensor as received (no copy), otherwise its slices are concatenated once; a
+  writer job is the batch's images of one unit (``writers.Block``, the probability array itself).
+  Per-image Python work in this thread is what limits small images.
+- Batches go through ``seg.inference.device.BatchForward``: one batch is in flight, collected
+  after the next one is launched, so on a GPU the host's stacking, encoding and writing overlap
+  the device's work (on the CPU a launch computes at once).
 - A unit is finished when its end marker has arrived and every one of its images is written;
   only then are its tar closed and renamed, its temporaries of earlier killed runs removed, its
   failures appended to ``failures.jsonl`` and its line to ``manifest.jsonl``. A killed run
@@ -27,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seg.fileio import TMP_MARK
+from seg.inference.device import BatchForward
 from seg.inference.engine import Predictor
 from seg.inference.inputs import Unit, units_for_worker
 from seg.inference.loader import Chunk, Failure, Item, UnitEnd, UnitStream, record_loader
 from seg.inference.manifest import FAILURES, MANIFEST, append_lines, check_model, check_unit_inputs, read_manifest
-from seg.inference.writers import UnitSink, Writers
+from seg.inference.writers import Block, UnitSink, Writers
 
 
 def process_age() -> float:
@@ -73,6 +81,7 @@ class RunOptions:
     overwrite: bool = False
     progress: bool = True
     position: int = 0
+    compile: str = "off"  # torch.compile mode for CUDA resize-mode batches (seg.inference.device)
 
 
 def remove_unit_temporaries(out_dir: Path, names: list[str], seen: dict | None = None) -> int:
@@ -125,6 +134,9 @@ class CohortRun:
         self.first_batch_start_s: float | None = None
         self._steady_from: tuple[float, int] | None = None  # (time, images) when the first batch was done
         self._temporaries: dict = {}  # remove_unit_temporaries' per-folder listing cache
+        self._pending_n = 0  # images in the pending batch
+        self._inflight = None  # (launched batch, its segments), collected after the next launch
+        self.batches = BatchForward(predictor, probability=opts.probability, compile=opts.compile)
 
     def _state(self, index: int) -> UnitState:
         if index not in self.states:
@@ -155,25 +167,53 @@ class CohortRun:
         for state in [s for s in self.states.values() if s.ready()]:
             self._finish(state)
 
-    def _flush(self, pending: list[Item], writers: Writers) -> None:
+    def _flush(self, pending: list[tuple[Chunk, int, int]], writers: Writers) -> None:
+        """Launch the pending batch (segments ``(chunk, start, end)``), then collect the one before."""
         if not pending:
             return
         import torch
 
-        batch = torch.stack([it.x for it in pending])
+        segments = list(pending)
+        pending.clear()
+        self._pending_n = 0
+        chunk, a, b = segments[0]
+        x = chunk.x[a:b] if len(segments) == 1 else torch.cat([c.x[i:j] for c, i, j in segments])
+        sizes = [size for c, i, j in segments for size in c.sizes[i:j]]
         if self.first_batch_start_s is None:
             self.first_batch_start_s = process_age()
-        probs = self.p.forward_raw(batch)
+        launched = self.batches.launch(x, sizes)
+        self._collect(writers)
+        self._inflight = (launched, segments)
+
+    def _collect(self, writers: Writers) -> None:
+        """Hand the batch in flight to the writers: one job per run of same-unit segments."""
+        if self._inflight is None:
+            return
+        launched, segments = self._inflight
+        self._inflight = None
+        out = launched.result()
         self._mark_first_batch()
-        start = 0
-        for end in range(1, len(pending) + 1):  # one writer job per run of same-unit images
-            if end == len(pending) or pending[end].unit != pending[start].unit:
-                state = self._state(pending[start].unit)
-                state.futures.append(writers.submit_many(state.sink, [
-                    (it.source, it.rel, prob, it.size, it.image) for it, prob in zip(pending[start:end], probs[start:end])]))
-                state.submitted += end - start
-                start = end
-        pending.clear()
+        offset = 0
+        k = 0
+        while k < len(segments):
+            unit = segments[k][0].unit
+            run = [segments[k]]
+            while k + len(run) < len(segments) and segments[k + len(run)][0].unit == unit:
+                run.append(segments[k + len(run)])
+            n = sum(j - i for _, i, j in run)
+            block = Block(sources=[s for c, i, j in run for s in c.sources[i:j]],
+                          rels=[r for c, i, j in run for r in c.rels[i:j]],
+                          sizes=[z for c, i, j in run for z in c.sizes[i:j]],
+                          images=[im for c, i, j in run for im in c.images[i:j]],
+                          probs=None if out.probs is None else out.probs[offset:offset + n],
+                          masks=None if out.masks is None else out.masks[offset:offset + n],
+                          counts=None if out.counts is None else out.counts[offset:offset + n],
+                          prob16=None if out.prob16 is None else out.prob16[offset:offset + n])
+            state = self._state(unit)
+            state.futures.append(writers.submit_block(state.sink, block))
+            state.submitted += n
+            offset += n
+            k += len(run)
 
     def _mark_first_batch(self) -> None:
         if self.first_batch_s is None:
@@ -186,23 +226,32 @@ class CohortRun:
             return None
         return round((self.images - self._steady_from[1]) / (end - self._steady_from[0]), 3)
 
-    def _add(self, item: Item, pending: list[Item], writers: Writers) -> None:
-        """Predict a tile-mode image now, or queue a resize-mode one for the next batch."""
+    def _add(self, item: Item, writers: Writers) -> None:
+        """Predict a tile-mode image now (whole native-size images, one at a time)."""
         self.images += 1
         state = self._state(item.unit)
-        if self.p.mode == "tile":
-            if self.first_batch_start_s is None:
-                self.first_batch_start_s = process_age()
-            prob = self.p.predict_tiled(item.x.numpy())
-            self._mark_first_batch()
-            state.futures.append(writers.submit(state.sink, item.source, item.rel, prob, item.size, item.image))
-            state.submitted += 1
-            return
-        if pending and pending[0].x.dtype != item.x.dtype:  # 8- and 16-bit scale differently
+        if self.first_batch_start_s is None:
+            self.first_batch_start_s = process_age()
+        prob = self.p.predict_tiled(item.x.numpy())
+        self._mark_first_batch()
+        state.futures.append(writers.submit(state.sink, item.source, item.rel, prob, item.size, item.image))
+        state.submitted += 1
+
+    def _add_chunk(self, chunk: Chunk, pending: list[tuple[Chunk, int, int]], writers: Writers) -> None:
+        """Queue a resize-mode chunk's images for the next batches, launching each full batch."""
+        n = len(chunk.sources)
+        self.images += n
+        self._state(chunk.unit)
+        if pending and pending[0][0].x.dtype != chunk.x.dtype:  # 8- and 16-bit scale differently
             self._flush(pending, writers)
-        pending.append(item)
-        if len(pending) >= self.p.batch_size:
-            self._flush(pending, writers)
+        start = 0
+        while start < n:
+            take = min(n - start, self.p.batch_size - self._pending_n)
+            pending.append((chunk, start, start + take))
+            self._pending_n += take
+            start += take
+            if self._pending_n >= self.p.batch_size:
+                self._flush(pending, writers)
 
     def plan(self) -> tuple[list[Unit], list[dict]]:
         """(units to do, manifest records of this worker's finished units)."""
@@ -232,14 +281,20 @@ class CohortRun:
         writers = Writers(self.p.threshold, self.o.overlay, self.o.probability, self.o.writer_threads, room)
         stream = UnitStream(todo, self.p.preprocessor, keep_image=self.o.overlay,
                             chunk=1 if self.p.mode == "tile" else min(self.p.batch_size, 64))
-        pending: list[Item] = []
+        pending: list[tuple[Chunk, int, int]] = []
+        records = None
         try:
             # tile mode: whole native-size images travel, so keep one per decoding process in flight
             prefetch = 1 if self.p.mode == "tile" else 4
-            for rec in record_loader(stream, self.o.loader_workers, prefetch):
+            pin = self.batches.device_post and self.p.device.type == "cuda"
+            records = record_loader(stream, self.o.loader_workers, prefetch, pin_memory=pin)
+            for rec in records:
                 if isinstance(rec, Chunk):
-                    for item in rec.items():
-                        self._add(item, pending, writers)
+                    if self.p.mode == "tile":
+                        for item in rec.items():
+                            self._add(item, writers)
+                    else:
+                        self._add_chunk(rec, pending, writers)
                     bar.update(len(rec.sources))
                 elif isinstance(rec, Failure):
                     self.failures += 1
@@ -249,6 +304,7 @@ class CohortRun:
                     self._state(rec.unit).end = rec
                 self._finish_ready()
             self._flush(pending, writers)
+            self._collect(writers)
             writers.close()
             self._finish_ready()
             if self.states:  # every unit sends its end marker; anything left is a bug, not user error
@@ -258,6 +314,8 @@ class CohortRun:
                 state.sink.abort()
             raise
         finally:
+            if records is not None and hasattr(records, "close"):  # stop decoding threads at once
+                records.close()
             writers.pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
         end = time.perf_counter()

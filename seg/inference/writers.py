@@ -9,6 +9,11 @@ Design choices:
   queue, thread wake-up) cost more than encoding and writing. The jobs themselves (bilinear resize of the
   probabilities back to the original size, thresholding, PNG encoding, file writes) are mostly
   OpenCV and I/O calls that release the GIL, so they overlap with the model's forward.
+- A job is a ``Block``: the batch's probability array itself (no per-image copies), thresholded
+  and counted in one array operation when the images already have the network's size, else
+  image by image after the resize back. A ``Block`` may instead carry masks already at the
+  original size (``uint8`` 0/255) with their foreground pixel counts, as the CUDA path makes
+  them on the device (``seg.inference.device``); the writer then only encodes and writes.
 - Outputs per image, named from the sanitised stem: ``{stem}_mask.png`` (8-bit 0/255),
   ``{stem}_overlay.png`` (the image with the mask tinted red), ``{stem}_prob.png`` (16-bit,
   probability x 65535).
@@ -34,6 +39,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -75,7 +81,40 @@ def encode_png(array: np.ndarray, rgb: bool = False) -> bytes:
 
 def probability_png(prob: np.ndarray) -> bytes:
     """16-bit PNG of probabilities in [0, 1] (value = round(p * 65535))."""
-    return encode_png(np.round(np.clip(prob, 0, 1) * 65535).astype(np.uint16))
+    return encode_png(probability_u16(prob))
+
+
+def probability_u16(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as uint16 ``round(p * 65535)`` (what ``_prob.png`` stores)."""
+    return np.round(np.clip(prob, 0, 1) * 65535).astype(np.uint16)
+
+
+class Block(NamedTuple):
+    """One writer job: consecutive images of one unit, with their probabilities or masks.
+
+    Attributes:
+        sources, rels, sizes, images: per image (input, output stem, original ``(H, W)``,
+            original image for overlays or None).
+        probs: ``(n, h, w)`` float32 array (or a sequence of ``(h, w)`` arrays) of probabilities
+            at the network's size, resized back here; None when ``masks`` are given.
+        masks: per image ``uint8`` 0/255 at the original size (thresholded on the device).
+        counts: foreground pixel count per mask (with ``masks``).
+        prob16: per image ``uint16`` probability maps at the original size (with ``masks``, when
+            ``_prob.png`` is written).
+    """
+    sources: Sequence[str]
+    rels: Sequence[str]
+    sizes: Sequence[tuple[int, int]]
+    images: Sequence[np.ndarray | None]
+    probs: np.ndarray | Sequence[np.ndarray] | None = None
+    masks: Sequence[np.ndarray] | None = None
+    counts: Sequence[int] | None = None
+    prob16: Sequence[np.ndarray] | None = None
+
+    @property
+    def count(self) -> int:
+        """Images in the block."""
+        return len(self.sources)
 
 
 def encode_outputs(prob: np.ndarray, threshold: float, image: np.ndarray | None = None,
@@ -220,6 +259,56 @@ class Writers:
     def _job(self, sink: UnitSink, items: list[tuple]) -> list[dict]:
         return [self._one(sink, *item) for item in items]
 
+    def _masks(self, b: Block) -> tuple[Sequence[np.ndarray], Sequence[int], Sequence[np.ndarray] | None]:
+        """(uint8 0/255 masks at the original sizes, foreground counts, uint16 maps or None)."""
+        if b.masks is not None:
+            return b.masks, b.counts, b.prob16
+        probs = b.probs
+        if isinstance(probs, np.ndarray) and probs.ndim == 3 and all(tuple(s) == probs.shape[1:] for s in b.sizes):
+            full = probs  # already the original size: the whole batch at once
+            above = probs > self.threshold
+            counts = np.count_nonzero(above.reshape(len(probs), -1), axis=1).tolist()
+            masks = np.multiply(above, np.uint8(255), dtype=np.uint8)
+        else:
+            full = [Predictor.restore(p, s) for p, s in zip(probs, b.sizes)]
+            above = [p > self.threshold for p in full]
+            counts = [int(np.count_nonzero(m)) for m in above]
+            masks = [np.multiply(m, np.uint8(255), dtype=np.uint8) for m in above]
+        return masks, counts, [probability_u16(p) for p in full] if self.probability else None
+
+    def _block_job(self, sink: UnitSink, b: Block) -> list[dict]:
+        masks, counts, prob16 = self._masks(b)
+        records = []
+        for i, rel in enumerate(b.rels):
+            mask = masks[i]
+            sink.write(rel + "_mask.png", encode_png(mask))
+            if self.overlay:
+                image = b.images[i]
+                if image is None:
+                    raise ValueError("an overlay needs the original image")
+                image = image.numpy() if hasattr(image, "numpy") else image
+                sink.write(rel + "_overlay.png", encode_png(overlay_rgb(image, mask), rgb=True))
+            if prob16 is not None:
+                sink.write(rel + "_prob.png", encode_png(prob16[i]))
+            records.append({"input": b.sources[i], "output": rel + "_mask.png",
+                            "foreground": round(counts[i] / mask.size, 6) if mask.size else 0.0})
+        return records
+
+    def _submit(self, n: int, fn, *args) -> Future:
+        self._acquire(n)
+        try:
+            future = self.pool.submit(fn, *args)
+        except BaseException:
+            self._release(n)
+            raise
+        future.add_done_callback(lambda _: self._release(n))
+        return future
+
+    def submit_block(self, sink: UnitSink, block: Block) -> Future:
+        """Queue one ``Block`` (a batch's images of one unit) as one job; blocks while
+        ``max_pending`` images are in flight. The future's result is one record per image."""
+        return self._submit(block.count, self._block_job, sink, block)
+
     def submit_many(self, sink: UnitSink, items: list[tuple]) -> Future:
         """Queue the outputs of several images of one unit as one job (one thread handoff, one
         future and one semaphore slot for the lot: per-job cost, not encoding, limits small images);
@@ -229,15 +318,7 @@ class Writers:
             items: ``(source, rel, prob, size, image)`` tuples, as ``submit`` takes them.
         """
         items = list(items)
-        n = len(items)
-        self._acquire(n)
-        try:
-            future = self.pool.submit(self._job, sink, items)
-        except BaseException:
-            self._release(n)
-            raise
-        future.add_done_callback(lambda _: self._release(n))
-        return future
+        return self._submit(len(items), self._job, sink, items)
 
     def submit(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
                image: np.ndarray | None = None) -> Future:
