@@ -164,8 +164,16 @@ def child_pipeline(a) -> dict:
             "cpu_us_per_image": (cpu_seconds() - c0) / s["images"] * 1e6, "steady_images_per_s": s["steady_images_per_s"]}
 
 
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def child_train(a) -> dict:
-    """Batches/s of the training loader after its first batch (worker start and import excluded)."""
+    """Images/s of the training loader after its first batch (worker start and import excluded),
+    and the CPU its worker processes and this process spent per image in that window."""
     import torch
 
     from seg.config import build_config
@@ -177,12 +185,16 @@ def child_train(a) -> dict:
     spec = DataSpec(cfg)
     it = iter(train_loader(cfg, spec, epoch=0, rank=0, world_size=1))
     next(it)
+    pids = [os.getpid()] + [w.pid for w in getattr(it, "_workers", [])]
+    c0 = sum(_proc_cpu(p) for p in pids)
     t0 = time.perf_counter()
     images = 0
     while time.perf_counter() - t0 < a.seconds:
         images += len(next(it)[0])
     seconds = time.perf_counter() - t0
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+    cpu = sum(_proc_cpu(p) for p in pids) - c0
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "cpu_us_per_image": cpu / images * 1e6}
 
 
 CHILDREN = {"loop": child_loop, "pipeline": child_pipeline, "train": child_train}
@@ -279,18 +291,21 @@ def part_train(work: Path, rounds: int, seconds: float = 12.0) -> dict:
         raw = make_demo_dataset(work / "raw512", n=96, size=512, seed=0)
         prepare_dataset(raw / "images", raw / "masks", out=shards, val_split=0.1, shard_size=8, workers=0,
                         progress=False)
-    rates: dict[int, list[float]] = {1: [], 2: []}
+    runs: dict[int, list[dict]] = {1: [], 2: []}
     for r in range(rounds):
         for workers in (1, 2):
-            rates[workers].append(run_child("train", workers, shards=shards, num_workers=workers,
-                                            seconds=seconds)["images_per_s"])
+            runs[workers].append(run_child("train", workers, shards=shards, num_workers=workers, seconds=seconds))
+            x = runs[workers][-1]
             print(f"train loader 512px round {r + 1}: {workers} worker(s) on {workers} core(s): "
-                  f"{rates[workers][-1]:.1f} img/s", flush=True)
-    best = {w: max(v) for w, v in rates.items()}
-    print(f"== train loader 512px, default augmentation: {best[1]:.1f} img/s per worker core; "
-          f"2 workers {best[2]:.1f} img/s ({best[2] / best[1]:.2f}x)", flush=True)
-    return {"per_worker_core_img_s": best[1], "two_workers_img_s": best[2], "rounds": rates,
-            "median_one_worker": statistics.median(rates[1])}
+                  f"{x['images_per_s']:.1f} img/s, {x['cpu_us_per_image'] / 1e3:.1f} ms CPU/img", flush=True)
+    best = {w: max(x["images_per_s"] for x in v) for w, v in runs.items()}
+    cpu_ms = min(x["cpu_us_per_image"] for v in runs.values() for x in v) / 1e3
+    print(f"== train loader 512px, batch 8, default augmentation: {best[1]:.1f} img/s with 1 worker on 1 core, "
+          f"{best[2]:.1f} img/s with 2 on 2 ({best[2] / best[1]:.2f}x); {cpu_ms:.1f} ms of CPU per image "
+          f"= {1e3 / cpu_ms:.0f} img/s per fully used core", flush=True)
+    return {"one_worker_img_s": best[1], "two_workers_img_s": best[2], "cpu_ms_per_image": cpu_ms,
+            "img_s_per_core": 1e3 / cpu_ms, "rounds": {w: [round(x["images_per_s"], 1) for x in v]
+                                                       for w, v in runs.items()}}
 
 
 def main() -> int:
