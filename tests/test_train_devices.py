@@ -55,11 +55,11 @@ WORKER = textwrap.dedent("""
     from seg.training.loop import build_training, train_step
 
     accum = int(sys.argv[1])
-    cfg = build_config(flags={"train.batch_size": 2, "model.base_channels": 4, "data.image_size": 32},
-                       overrides=[f"train.grad_accum={accum}", "train.mixed_precision=no"])
+    cfg = build_config(flags={"train.batch_size": 2, "model.base_channels": 4, "data.image_size": 32,
+                              "train.grad_accum": accum, "train.mixed_precision": "no"})
     acc = build_accelerator(cfg)
     model, opt, loss_fn = build_training(cfg, acc)
-    assert model.gradient_as_bucket_view and model.static_graph, "DDP options not applied"
+    assert model.gradient_as_bucket_view and model.static_graph == (accum == 1), "DDP options not applied"
     g = torch.Generator().manual_seed(acc.process_index)
     losses = []
     for _ in range(4 * accum):

@@ -89,7 +89,7 @@ def build_accelerator(cfg: Config, project_dir: str | None = None):
         gradient_accumulation_steps=t.grad_accum,
         log_with=trackers,
         project_dir=project_dir,
-        kwargs_handlers=ddp_kwargs_handlers(devices),  # gradient_as_bucket_view, static_graph
+        kwargs_handlers=ddp_kwargs_handlers(devices, t.grad_accum),  # gradient_as_bucket_view, static_graph
     )
     set_seed(t.seed, deterministic=t.deterministic)
     configure_cudnn(devices, accelerator.device, cfg.data.sampling, t.deterministic)

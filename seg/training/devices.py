@@ -14,7 +14,9 @@ Design choices:
   parameter in every step; DDP then skips the per-iteration search for unused parameters and
   can reorder buckets after the first iteration). Both are on by default and are plain DDP
   features, so they apply to gloo on CPU and NCCL on GPU alike (a two-process CPU test trains
-  with them, with and without gradient accumulation).
+  with them, with and without gradient accumulation). ``static_graph`` is left off with
+  gradient accumulation: DDP's reducer fails an internal assertion when the first iteration
+  runs under ``no_sync`` (measured with torch 2.13: ``expect_autograd_hooks_``).
 - ``DeviceSettings.from_config`` reads ``train.cudnn_benchmark``, ``train.ddp_bucket_view`` and
   ``train.ddp_static_graph`` where the config has them, with these defaults otherwise.
 """
@@ -45,12 +47,16 @@ class DeviceSettings:
                        ("ddp_static_graph", cls.ddp_static_graph))})
 
 
-def ddp_kwargs_handlers(settings: DeviceSettings) -> list:
-    """The ``kwargs_handlers`` for ``Accelerator``: how DDP wraps the model (ignored without DDP)."""
+def ddp_kwargs_handlers(settings: DeviceSettings, grad_accum: int = 1) -> list:
+    """The ``kwargs_handlers`` for ``Accelerator``: how DDP wraps the model (ignored without DDP).
+
+    Args:
+        grad_accum: micro-batches per optimizer step; above 1, ``static_graph`` stays off.
+    """
     from accelerate.utils import DistributedDataParallelKwargs
 
     return [DistributedDataParallelKwargs(gradient_as_bucket_view=settings.ddp_bucket_view,
-                                          static_graph=settings.ddp_static_graph)]
+                                          static_graph=settings.ddp_static_graph and grad_accum == 1)]
 
 
 def configure_cudnn(settings: DeviceSettings, device: torch.device, sampling: str, deterministic: bool) -> bool:
