@@ -141,7 +141,6 @@ def test_seg_predict_small_cohort_on_gpu(tmp_path):
 def test_prediction_device_path_on_gpu_matches_the_cpu_path(tmp_path):
     import cv2
 
-    from seg.inference.device import BatchForward
     from seg.inference.engine import Predictor
     from seg.inference.inputs import build_units
     from seg.inference.runner import CohortRun, RunOptions

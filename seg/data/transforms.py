@@ -11,8 +11,8 @@ Design choices:
   neighbour for masks (``mask_interpolation=cv2.INTER_NEAREST``) and fills borders with 0
   (``fill_mask=0``), so a mask stays exactly binary and aligned with its image.
 - The final normalisation is ``seg.data.standardize.Standardize``: ``A.Normalize``'s
-  arithmetic, bit for bit, without the two image-sized temporaries that made it 40 % of a
-  512 px training image's transform time.
+  arithmetic, bit for bit, without the two image-sized temporaries that made it a third of a
+  512 px training image's transform time (7.2 -> 2.5 ms).
 - ``sampling="resize"`` (the seed's way): the whole image is resized to ``image_size`` square,
   image with ``cv2.INTER_LINEAR`` on the raw pixels after the channel conversion (``cv2``
   RGB2GRAY), mask nearest, before scaling: exactly what ``seg.inference``'s ``Preprocessor``

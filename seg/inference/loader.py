@@ -12,9 +12,10 @@ Design choices:
   the batcher without crossing a process boundary. Through DataLoader worker processes every
   256x256 RGB image cost ~400 us of CPU on the way (a new shared-memory segment per chunk, its
   page faults and a file-descriptor handoff over a socket), a fifth of decoding and encoding
-  it; the Python each image needs under the GIL is ~20 us, so threads are not what limits a
-  GPU's worth of images. Shards are read by DataLoader worker processes: webdataset's tar
-  iteration and key grouping are Python, which threads would serialise.
+  it; the Python each image needs under the GIL is small beside OpenCV's 1.2 ms for decoding
+  it. Small images scale less well over threads (docs/BENCHMARKS.md: 32 px on 2 cores). Shards
+  are read by DataLoader worker processes: webdataset's tar iteration and key grouping are
+  Python, which threads would serialise.
 - Shards are read with webdataset's own tar iteration and key grouping (the same member ->
   sample rule as training) and decoded by ``seg.data.shards.decode_sample``. A shard that
   breaks mid-way (truncated tar) keeps the samples read before and records a failure for the

@@ -286,7 +286,7 @@ class CohortRun:
         try:
             # tile mode: whole native-size images travel, so keep one per decoding process in flight
             prefetch = 1 if self.p.mode == "tile" else 4
-            pin = self.batches.device_post and self.p.device.type == "cuda"
+            pin = self.batches.device_post and self.p.device.type == "cuda" and self.p.mode == "resize"
             records = record_loader(stream, self.o.loader_workers, prefetch, pin_memory=pin)
             for rec in records:
                 if isinstance(rec, Chunk):

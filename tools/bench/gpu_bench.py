@@ -32,7 +32,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from flops import forward_flops_per_image, train_flops_per_image  # noqa: E402
+from gpu_predict import device_rate, host_rate, make_cohort, predict_process, predict_profile, save_checkpoint  # noqa: E402
 
 GOALS = {"mfu": 0.40, "data_share": 0.05, "predict_img_s": 1000.0}
 
@@ -145,7 +145,6 @@ def best_batch(plan: Plan) -> tuple[int, float, dict]:
 
 def profile_summary(fn, plan: Plan, path: Path, steps: int = 3, sort: str | None = None) -> str:
     """Top operators of ``steps`` calls of ``fn`` (torch.profiler), written to ``path``."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if plan.device == "cuda" else [])
@@ -207,103 +206,6 @@ def loader_rate(plan: Plan, shards: str, batch: int, seconds: float = 8.0) -> di
         n += len(next(it)[0])
     rate = n / (time.perf_counter() - t0)
     return {"images_per_s": rate, "workers": plan.workers, "per_worker": rate / plan.workers}
-
-
-def make_cohort(folder: Path, n: int, side: int) -> Path:
-    from concurrent.futures import ThreadPoolExecutor
-
-    import cv2
-    import numpy as np
-
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def write(i: int) -> None:
-        rng = np.random.default_rng(i)
-        img = cv2.GaussianBlur(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), (5, 5), 0)
-        cv2.imwrite(str(folder / f"img_{i:06d}.png"), img)
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(write, range(n)))
-    return folder
-
-
-def save_checkpoint(path: Path, plan: Plan) -> Path:
-    from seg.checkpoint import model_checkpoint, save_checkpoint as save
-    from seg.model import UNet
-
-    pre = {"image_size": plan.predict_side, "in_channels": 3, "mean": [0.485, 0.456, 0.406],
-           "std": [0.229, 0.224, 0.225], "sampling": "resize"}
-    save(model_checkpoint(UNet(3, plan.base), pre), path)
-    return path
-
-
-def device_rate(plan: Plan, ckpt: Path, compile_mode: str = "off", batches: int = 20) -> float:
-    """Images/s of the device half alone (BatchForward.launch + result on a device-resident batch)."""
-    import numpy as np
-    import torch
-
-    from seg.inference.device import BatchForward
-    from seg.inference.engine import Predictor
-
-    p = Predictor(ckpt, device=plan.device, precision="bf16", batch_size=plan.predict_batch)
-    forward = BatchForward(p, compile=compile_mode, device_post=True)
-    s = plan.predict_side
-    raw = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (plan.predict_batch, s, s, 3), dtype=np.uint8))
-    raw = raw.to(p.device)  # device-resident: no host work at all
-    sizes = [(s, s)] * plan.predict_batch
-    for _ in range(3):
-        forward.launch(raw, sizes).result()
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        forward.launch(raw, sizes).result()
-    return plan.predict_batch * batches / (time.perf_counter() - t0)
-
-
-def host_rate(plan: Plan, cohort: Path, ckpt: Path, out: Path) -> float:
-    """Images/s of `seg predict`'s host pipeline with the device half replaced (host_bench.HostOnly)."""
-    from host_bench import HostOnly
-
-    from seg.inference.engine import Predictor
-    from seg.inference.inputs import build_units
-    from seg.inference.runner import CohortRun, RunOptions
-
-    p = Predictor(ckpt, device="cpu", precision="fp32", batch_size=plan.predict_batch)
-    units = build_units(str(cohort), None, None, 256)
-    run_ = CohortRun(p, units, 0, 1, RunOptions(out_dir=out, loader_workers=plan.workers,
-                                                writer_threads=plan.workers, progress=False))
-    run_.batches = HostOnly(123)
-    t0 = time.perf_counter()
-    s = run_.run()
-    return s["images"] / (time.perf_counter() - t0)
-
-
-def predict_process(plan: Plan, cohort: Path, ckpt: Path, out: Path, timeout: float) -> dict:
-    import re
-
-    cmd = [sys.executable, "-m", "seg.predict", "--model_path", str(ckpt), "--image_dir", str(cohort),
-           "--output_dir", str(out), "--batch_size", str(plan.predict_batch), "--num_workers", str(plan.workers),
-           "--writer_threads", str(plan.workers), "--device", plan.device, "--no_progress"]
-    seconds, log = run(cmd, timeout)
-    steady = re.search(r"then ([\d.]+) images/s", log)
-    return {"seconds": seconds, "images_per_s": plan.predict_images / seconds,
-            "steady_images_per_s": float(steady.group(1)) if steady else None}
-
-
-def predict_profile(plan: Plan, cohort: Path, ckpt: Path, out: Path, path: Path) -> str:
-    """Profiler summary of the in-process cohort pipeline (host operators by self CPU time)."""
-    from seg.inference.engine import Predictor
-    from seg.inference.inputs import build_units
-    from seg.inference.runner import CohortRun, RunOptions
-
-    p = Predictor(ckpt, device=plan.device, precision="bf16", batch_size=plan.predict_batch)
-    units = build_units(str(cohort), None, None, 256)[:4]
-
-    def once():
-        shutil.rmtree(out, ignore_errors=True)
-        CohortRun(p, units, 0, 1, RunOptions(out_dir=out, loader_workers=plan.workers, writer_threads=plan.workers,
-                                             progress=False)).run()
-
-    return profile_summary(once, plan, path, steps=1, sort="self_cpu_time_total")
 
 
 def render_table(res: dict) -> str:
@@ -409,14 +311,15 @@ def main() -> int:
             pr["device_img_s"] = device_rate(plan, ckpt)
             pr["device_mfu"] = pr["device_img_s"] * forward_flops_per_image(plan.predict_side, base_channels=plan.base) / (peak * 1e12)
             pr["host_img_s"] = host_rate(plan, cohort, ckpt, work / "host_out")
-            p = predict_process(plan, cohort, ckpt, work / "pred", timeout=max(30.0, left()))
+            p = predict_process(plan, cohort, ckpt, work / "pred", max(30.0, left()), run)
             pr.update(process_img_s=p["images_per_s"], steady_img_s=p["steady_images_per_s"], seconds=p["seconds"])
             if p["steady_images_per_s"]:
                 pr["host_share"] = max(0.0, 1 - p["steady_images_per_s"] / pr["device_img_s"])
             print(f"predict: device {pr['device_img_s']:.0f}, host {pr['host_img_s']:.0f}, process "
                   f"{pr['process_img_s']:.0f} (steady {pr['steady_img_s']}) img/s", flush=True)
             if pr["process_img_s"] < GOALS["predict_img_s"] and left() > 30:
-                print(predict_profile(plan, cohort, ckpt, work / "prof_out", out / "profile_predict.txt"), flush=True)
+                print(predict_profile(plan, cohort, ckpt, work / "prof_out", out / "profile_predict.txt", profile_summary),
+                      flush=True)
             res["compile"] = {}
             for mode in ("default", "reduce-overhead") if plan.device == "cuda" else ():
                 if left() < 100:  # compiling takes about a minute

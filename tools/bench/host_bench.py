@@ -16,7 +16,13 @@ default augmentation, 512 px, batch 8) sustains with 1 and 2 worker processes, e
 on as many cores, after its first batch; per worker core = the 1-worker rate.
 
     python tools/bench/host_bench.py --work /tmp/host_bench [--only predict|train] [--rounds 3]
-        [--sizes 32 256] [--cores 1 2] [--sweep] [--json OUT.json]
+        [--sizes 32 256] [--cores 1 2] [--sweep] [--trivial model|device] [--json OUT.json]
+
+One pipeline run of another checkout (before/after a change), pinned to one core:
+    git archive COMMIT seg | tar -x -C /tmp/seg_before
+    taskset -c 0 python tools/bench/host_bench.py --child pipeline --seg_root /tmp/seg_before --cores 1 \
+        --trivial model --images WORK/cohort256 --out WORK/out --checkpoint WORK/model256.pth \
+        --batch_size 16 --num_workers 1 --writer_threads 1
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -319,7 +324,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     # child mode
     ap.add_argument("--child", choices=sorted(CHILDREN))
-    for name in ("images", "out", "checkpoint", "shards"):
+    for name in ("images", "out", "checkpoint", "shards", "seg_root"):
         ap.add_argument(f"--{name}")
     for name in ("batch_size", "num_workers", "writer_threads"):
         ap.add_argument(f"--{name}", type=int)
@@ -329,6 +334,11 @@ def main() -> int:
                          "whole device half as a GPU would run it (default: both)")
     a = ap.parse_args()
     if a.child:
+        if a.seg_root:  # another checkout's seg (e.g. `git archive COMMIT seg | tar -x -C DIR`), for before/after
+            sys.path.insert(0, a.seg_root)
+            import seg
+
+            assert Path(seg.__file__).is_relative_to(Path(a.seg_root).resolve()), seg.__file__
         print(json.dumps(CHILDREN[a.child](a)))
         return 0
     work = Path(a.work)
