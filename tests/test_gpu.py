@@ -3,7 +3,10 @@
 What is proven on a real GPU: bf16 and fp16 autocast training steps through the trainer's own
 Accelerator and step function (fp16 with a gradient scaler), `seg train` on one GPU through
 `accelerate launch`, `seg predict` on a small cohort, and a model checkpoint written on the GPU
-that loads on the CPU (weights_only) and predicts the same there as on the GPU.
+that loads on the CPU (weights_only) and predicts the same there as on the GPU. Keeping the GPU
+fed: prediction's device path (resize, threshold and counts on the GPU) gives the CPU path's
+outputs, decoded chunks arrive pinned and batches launch asynchronously, a torch.compile'd
+prediction agrees with eager, training turns cuDNN autotuning on and gets pinned batches.
 """
 
 from __future__ import annotations
@@ -131,3 +134,102 @@ def test_seg_predict_small_cohort_on_gpu(tmp_path):
     for i, m in enumerate(sorted(masks)):
         arr = cv2.imread(str(m), cv2.IMREAD_UNCHANGED)
         assert arr.shape == (48 + i, 64) and set(np.unique(arr)) <= {0, 255}
+
+
+# ---- keeping the GPU fed: the device path of prediction, pinned memory, autotuning ------------
+
+def test_prediction_device_path_on_gpu_matches_the_cpu_path(tmp_path):
+    import cv2
+
+    from seg.inference.engine import Predictor
+    from seg.inference.inputs import build_units
+    from seg.config.inference import PredictConfig
+    from seg.inference.runner import CohortRun
+
+    ckpt = tmp_path / "model.pth"
+    _checkpoint_from_gpu(ckpt)
+    images = tmp_path / "cohort"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(30):
+        img = cv2.GaussianBlur(rng.integers(0, 256, (40 + 3 * i, 70 - i, 3), dtype=np.uint8), (7, 7), 0)
+        cv2.imwrite(str(images / f"img_{i:03d}.png"), img)
+    units = build_units(str(images), None, None, 8)
+    outs = {}
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions on both sides
+    for device in ("cuda", "cpu"):
+        p = Predictor(ckpt, device=device, precision="fp32", batch_size=8)
+        run = CohortRun(p, units, 0, 1, PredictConfig(output_dir=str(tmp_path / device), save_probability=True,
+                                                      num_workers=2, writer_threads=2, progress=False, qc=False))
+        assert run.batches.device_post == (device == "cuda")
+        assert run.run()["images"] == 30
+        outs[device] = sorted((tmp_path / device).rglob("*.png"))
+    torch.backends.cudnn.allow_tf32 = tf32
+    assert [p.name for p in outs["cuda"]] == [p.name for p in outs["cpu"]] and len(outs["cpu"]) == 60
+    for a, b in zip(outs["cuda"], outs["cpu"]):
+        x = cv2.imread(str(a), cv2.IMREAD_UNCHANGED).astype(np.int64)
+        y = cv2.imread(str(b), cv2.IMREAD_UNCHANGED).astype(np.int64)
+        assert x.shape == y.shape
+        if a.name.endswith("_prob.png"):  # fp32 on cuDNN vs oneDNN: close, not equal
+            assert np.abs(x - y).max() <= 65535 * 1e-4, a.name
+        else:
+            assert (x != y).mean() < 5e-3, a.name
+
+
+def test_decoding_threads_pin_chunks_and_batches_launch_asynchronously(tmp_path):
+    import cv2
+
+    from seg.inference.device import BatchForward, Launched
+    from seg.inference.engine import Predictor
+    from seg.inference.inputs import build_units
+    from seg.inference.loader import Chunk, UnitStream, record_loader
+
+    ckpt = tmp_path / "model.pth"
+    _checkpoint_from_gpu(ckpt)
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / "in" / f"{i}.png"), np.full((64, 64, 3), 40 * i, np.uint8))
+    p = Predictor(ckpt, device="cuda", precision="bf16", batch_size=4)
+    stream = UnitStream(build_units(str(tmp_path / "in"), None, None, 3), p.preprocessor, chunk=4)
+    chunks = [r for r in record_loader(stream, num_workers=2, pin_memory=True) if isinstance(r, Chunk)]
+    assert chunks and all(c.x.is_pinned() for c in chunks)
+    forward = BatchForward(p)
+    assert torch.backends.cudnn.benchmark  # fixed shapes in resize mode
+    launched = forward.launch(chunks[0].x, list(chunks[0].sizes))
+    assert isinstance(launched, Launched)
+    out = launched.result()
+    assert out.probs is None and len(out.masks) == len(chunks[0].sizes)
+    assert all(m.dtype == np.uint8 and m.shape == (64, 64) for m in out.masks)
+    assert out.counts == [int((m > 0).sum()) for m in out.masks]
+
+
+@pytest.mark.timeout(170)
+def test_compiled_prediction_matches_eager_on_gpu(tmp_path):
+    from seg.inference.device import BatchForward
+    from seg.inference.engine import Predictor
+
+    ckpt = tmp_path / "model.pth"
+    _checkpoint_from_gpu(ckpt)
+    raw = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8))
+    eager = BatchForward(Predictor(ckpt, device="cuda", precision="bf16", batch_size=8)).launch(raw, [(64, 64)] * 5).result()
+    compiled = BatchForward(Predictor(ckpt, device="cuda", precision="bf16", batch_size=8), compile="default")
+    assert compiled.pad_to == 8
+    out = compiled.launch(raw, [(64, 64)] * 5).result()
+    assert len(out.masks) == 5
+    differ = np.mean([(a != b).mean() for a, b in zip(out.masks, eager.masks)])
+    assert differ < 0.01, differ  # bf16 kernels differ in rounding only
+
+
+def test_training_on_gpu_autotunes_and_pins_batches(shards):
+    from seg.config import build_config
+    from seg.training.accel import build_accelerator
+    from seg.training.loaders import DataSpec, train_loader
+
+    torch.backends.cudnn.benchmark = False
+    cfg = build_config(flags={"data.data_dir": str(shards), "data.image_size": 64, "train.batch_size": 4,
+                              "data.num_workers": 2}, overrides=["model.base_channels=8"])
+    build_accelerator(cfg)
+    assert torch.backends.cudnn.benchmark
+    images, masks, _ = next(iter(train_loader(cfg, DataSpec(cfg), epoch=0, rank=0, world_size=1)))
+    assert images.is_pinned() and masks.is_pinned()  # so to_device's non_blocking copy is asynchronous

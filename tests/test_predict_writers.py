@@ -10,7 +10,7 @@ import numpy as np
 
 from seg.fileio import TMP_MARK
 from seg.inference.runner import remove_unit_temporaries
-from seg.inference.writers import UnitSink, Writers
+from seg.inference.writers import Block, UnitSink, Writers
 
 
 def test_stale_temporaries_of_a_unit_are_removed_and_others_kept(tmp_path):
@@ -31,23 +31,28 @@ def test_stale_temporaries_of_a_unit_are_removed_and_others_kept(tmp_path):
     assert remove_unit_temporaries(tmp_path, ["missing/q_mask.png"], {}) == 0
 
 
-def test_submit_many_writes_every_image_and_bounds_images_in_flight(tmp_path):
+def _block(sources, rels, prob, size):
+    return Block(sources, rels, [size] * len(sources), [None] * len(sources), probs=[prob] * len(sources))
+
+
+def test_blocks_write_every_image_and_bound_images_in_flight(tmp_path):
     writers = Writers(0.5, threads=2, max_pending=6)
     sink = UnitSink(tmp_path, "files-000000", "png")
     peak, lock = [0], threading.Lock()
-    job = writers._job
+    job = writers._block_job
 
-    def slow_job(sink, items):  # record how many images are in flight while a job runs
+    def slow_job(sink, block):  # record how many images are in flight while a job runs
         with lock:
             peak[0] = max(peak[0], writers.pending)
         time.sleep(0.02)
-        return job(sink, items)
+        return job(sink, block)
 
-    writers._job = slow_job
+    writers._block_job = slow_job
     prob = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
-    futures = [writers.submit_many(sink, [(f"in{j}{i}", f"o{j}{i}", prob, (8, 8), None) for i in range(3)])
-               for j in range(5)]
-    futures.append(writers.submit_many(sink, [(f"big{i}", f"b{i}", prob, (16, 16), None) for i in range(8)]))
+    futures = [writers.submit_block(sink, _block([f"in{j}{i}" for i in range(3)], [f"o{j}{i}" for i in range(3)],
+                                                 prob, (8, 8))) for j in range(5)]
+    futures.append(writers.submit_block(sink, _block([f"big{i}" for i in range(8)], [f"b{i}" for i in range(8)],
+                                                     prob, (16, 16))))
     writers.close()
     records = [r for f in futures for r in f.result()]
     assert len(records) == 23 and peak[0] <= 8 and writers.pending == 0  # 8: the job larger than the bound

@@ -172,3 +172,17 @@ def test_transforms_build_lazily_and_reseeding_before_the_build_is_exact():
     for _ in range(5):
         (a, am), (b, bm) = lazy(image, mask), eager(image, mask)
         assert torch.equal(a, b) and torch.equal(am, bm)
+
+
+@pytest.mark.parametrize("shape,mean,std", [((40, 56, 3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                                            ((40, 56, 1), (0.3,), (0.2,)), ((40, 56), (0.3,), (0.2,))])
+def test_standardize_is_albumentations_normalize_bit_for_bit(shape, mean, std):
+    import albumentations as A
+
+    from seg.data.standardize import Standardize
+
+    image = np.random.default_rng(0).random(shape, dtype=np.float32) * 1.2 - 0.1  # out of [0, 1] after augmentation
+    expected = A.Normalize(mean=mean, std=std, max_pixel_value=1.0)(image=image)["image"]
+    got = A.Compose([Standardize(mean, std)])(image=image)["image"]
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.array_equal(got, expected)

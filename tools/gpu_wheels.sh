@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Download, on a machine with package-registry access, the wheels that the GPU machine lacks
 # (it has torch, accelerate, opencv, numpy, pyyaml, matplotlib, scipy but no webdataset,
-# albumentations and its pydantic/albucore needs, submitit) into .whl/ for tools/gpu_check.sh,
+# albumentations and its pydantic/albucore needs, submitit, and pytest with pytest-timeout in case
+# the image lacks them) into .whl/ for tools/gpu_check.sh,
 # which installs them there with --no-index. .whl/ is ignored by git.
 #   bash tools/gpu_wheels.sh [PYTHON_VERSION (default 3.12)]
 set -euo pipefail
@@ -13,7 +14,7 @@ PIP="${PIP:-.venv/bin/python -m pip}"
 PKGS=(webdataset==1.0.2 braceexpand==0.1.7 albumentations==2.0.8 albucore==0.0.24
       stringzilla==5.3.2 simsimd==6.5.16 pydantic==2.14.4 pydantic-core==2.50.5
       annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
-      submitit==1.5.4 pytest-timeout==2.4.0)
+      submitit==1.5.4 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pytest-timeout==2.4.0)
 mkdir -p .whl
 for spec in "${PKGS[@]}"; do
   name="${spec%%==*}"

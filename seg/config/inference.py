@@ -86,7 +86,7 @@ class PredictConfig(InferenceConfig):
     """png files, or one tar per unit (for millions of images)."""
 
     num_workers: int = 2
-    """Decoding processes per rank (0: decode in the main process)."""
+    """Decoding threads (image files) or processes (shards) per rank (0: decode in the main thread)."""
 
     writer_threads: int = 4
     """Threads encoding and writing outputs."""
@@ -106,6 +106,10 @@ class PredictConfig(InferenceConfig):
 
     progress: bool = True
     """Progress display (a bar on a terminal, periodic lines in a log)."""
+
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    """torch.compile the model for the fixed batch shape (CUDA, resize mode): pays off on long
+    cohorts only, compilation takes tens of seconds."""
 
     qc: bool = True
     """Per-image quality control: a qc record per image in manifest.jsonl and the qc/ tables

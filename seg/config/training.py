@@ -172,6 +172,18 @@ class TrainConfig:
     max_steps_per_epoch: int = 0
     """Cap on steps per epoch for smoke runs; 0 means the full epoch."""
 
+    cudnn_benchmark: bool = True
+    """CUDA: autotune each convolution for its input shape once, where training shapes are fixed
+    (resize sampling, not deterministic)."""
+
+    ddp_bucket_view: bool = True
+    """DDP gradient_as_bucket_view: gradients are views into the all-reduce buckets (one
+    model-sized copy less per step)."""
+
+    ddp_static_graph: bool = True
+    """DDP static_graph: every parameter is used in every step (left off with grad_accum > 1,
+    where PyTorch's reducer refuses it)."""
+
     collective_timeout: int = 600
     """Seconds a rank waits in a collective (all-reduce, gather, barrier) before it fails: a rank
     that died must end the job, not leave the others waiting until the allocation runs out."""

@@ -10,6 +10,9 @@ Design choices:
 - Masks go through albumentations as ``uint8`` {0, 1}; every geometric step uses nearest
   neighbour for masks (``mask_interpolation=cv2.INTER_NEAREST``) and fills borders with 0
   (``fill_mask=0``), so a mask stays exactly binary and aligned with its image.
+- The final normalisation is ``seg.data.standardize.Standardize``: ``A.Normalize``'s
+  arithmetic, bit for bit, without the two image-sized temporaries that made it a third of a
+  512 px training image's transform time (docs/BENCHMARKS.md).
 - ``sampling="resize"`` (the original scripts' way): the whole image is resized to ``image_size`` square,
   image with ``cv2.INTER_LINEAR`` on the raw pixels after the channel conversion (``cv2``
   RGB2GRAY), mask nearest, before scaling: exactly what ``seg.inference``'s ``Preprocessor``
@@ -229,10 +232,11 @@ def _check(image_size: int, mean, std, in_channels: int, sampling: str) -> None:
                          "get them from channel_stats(mode, dataset_info, in_channels)")
 
 
-def _normalize(mean, std) -> "A.Normalize":
-    import albumentations as A
+def _normalize(mean, std) -> "A.BasicTransform":
+    """The last step of every pipeline: ``Normalize``'s arithmetic, faster (``seg.data.standardize``)."""
+    from seg.data.standardize import Standardize
 
-    return A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0)
+    return Standardize(mean, std)
 
 
 def augmentations() -> list["A.BasicTransform"]:

@@ -226,24 +226,6 @@ class Predictor:
         return np.concatenate(values) if values else np.zeros(0, np.float32)
 
     # ---- CPU side: delegated to the picklable Preprocessor (DataLoader workers use it) --------
-    def normalise(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Prepared raw pixels -> the network input on the device: scaled to [0, 1] by the dtype
-        maximum (255 or 65535; float32 volume slices, already normalised per volume, by 1), then
-        the checkpoint's mean/std. The one normalisation of prediction.
-
-        ``channels_last`` comes free: the NHWC pixels permuted to NCHW are channels-last.
-
-        Shape:
-            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16/float32 -> ``(N, C, H, W)`` float32.
-        """
-        x = torch.as_tensor(raw)
-        scale = {torch.uint8: 255.0, torch.uint16: 65535.0, torch.float32: 1.0}.get(x.dtype)
-        if scale is None:
-            raise TypeError(f"expected uint8 or uint16 pixels (float32 volume slices), got {x.dtype}")
-        x = x.to(self.device, non_blocking=True)
-        x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
-        return (x.float() / scale - self._mean) / self._std
-
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """See ``Preprocessor.prepare``."""
         return self.preprocessor.prepare(image)
@@ -257,24 +239,69 @@ class Predictor:
         return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
 
     # ---- model side -------------------------------------------------------------------------
+    def normalise(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Prepared raw pixels -> the network input on the device: scaled to [0, 1] by the dtype
+        maximum (255 or 65535; float32 volume slices, already normalised per volume, by 1), then
+        the checkpoint's mean/std. The one normalisation of prediction, in place on the one float
+        copy (half the memory passes of ``(x / scale - mean) / std``, the same values).
+
+        ``channels_last`` comes free: the NHWC pixels permuted to NCHW are channels-last.
+
+        Shape:
+            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16/float32 -> ``(N, C, H, W)`` float32.
+        """
+        x = torch.as_tensor(raw)
+        scale = {torch.uint8: 255.0, torch.uint16: 65535.0, torch.float32: 1.0}.get(x.dtype)
+        if scale is None:
+            raise TypeError(f"expected uint8 or uint16 pixels (float32 volume slices), got {x.dtype}")
+        x = x.to(self.device, non_blocking=True)
+        x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        x = x.float() if x.dtype != torch.float32 else x.clone()  # never change the caller's tensor
+        return x.div_(scale).sub_(self._mean).div_(self._std)
+
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             logits = self.model(x)
         return logits.float().sigmoid()[:, 0]
 
-    def forward_raw(self, raw: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Probabilities for a batch of prepared raw images (``normalise``, then ``forward``).
+    def _device_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities of one batch of network inputs, left on the device: ``(n, h, w)``.
+
+        With TTA, the mean of the flips; their agreement is kept for ``pop_flip_dice`` (QC).
+        """
+        x = x.contiguous(memory_format=torch.channels_last)  # no copy when already so
+        if not self.tta:
+            return self._probabilities(x)
+        prob, agreement = flip_average(self._probabilities, x, self.threshold)
+        self._flip_dice.append(agreement.cpu().numpy())
+        return prob
+
+    def forward_device(self, raw: torch.Tensor) -> torch.Tensor:
+        """Like ``forward_raw`` for pixels already on the device, leaving the probabilities there
+        (``seg.inference.device``: resizing and thresholding on the GPU).
 
         Shape:
-            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 (float32 for volume slices; one dtype)
+            ``(N, H, W)`` or ``(N, H, W, C)`` on ``self.device`` -> ``(N, H, W)`` float32.
+        """
+        with torch.inference_mode():
+            out = [self._device_probabilities(self.normalise(raw[i:i + self.batch_size]))
+                   for i in range(0, raw.shape[0], self.batch_size)]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def forward_raw(self, raw: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Probabilities for a batch of prepared raw images (``normalise``, then the model).
+
+        Shape:
+            ``(N, H, W)`` or ``(N, H, W, C)`` uint8/uint16 (float32 volume slices; one dtype)
             -> ``(N, H, W)`` float32.
         """
         x = torch.as_tensor(raw)
-        out = []
         with torch.inference_mode():
-            for i in range(0, x.shape[0], self.batch_size):
-                out.append(self.forward(self.normalise(x[i:i + self.batch_size])))
+            out = [self._device_probabilities(self.normalise(x[i:i + self.batch_size])).cpu().numpy()
+                   for i in range(0, x.shape[0], self.batch_size)]
+        if len(out) == 1:
+            return out[0]
         return np.concatenate(out) if out else np.zeros((0,) + tuple(x.shape[1:3]), np.float32)
 
     def forward(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -284,17 +311,11 @@ class Predictor:
             ``(N, C, H, W)`` float32 -> ``(N, H, W)`` float32 in [0, 1].
         """
         x_all = torch.as_tensor(batch)
-        out = []
         with torch.inference_mode():
-            for i in range(0, x_all.shape[0], self.batch_size):
-                x = x_all[i:i + self.batch_size].to(self.device, non_blocking=True)
-                x = x.contiguous(memory_format=torch.channels_last)  # no copy when already so
-                if self.tta:
-                    prob, agreement = flip_average(self._probabilities, x, self.threshold)
-                    self._flip_dice.append(agreement.cpu().numpy())  # QC signal, see pop_flip_dice
-                else:
-                    prob = self._probabilities(x)
-                out.append(prob.cpu().numpy())
+            out = [self._device_probabilities(x_all[i:i + self.batch_size].to(self.device, non_blocking=True))
+                   .cpu().numpy() for i in range(0, x_all.shape[0], self.batch_size)]
+        if len(out) == 1:
+            return out[0]
         return np.concatenate(out) if out else np.zeros((0,) + tuple(x_all.shape[-2:]), np.float32)
 
     def predict_tiled(self, prepared: np.ndarray) -> np.ndarray:

@@ -1,24 +1,35 @@
-"""Decoding and preprocessing in DataLoader worker processes, unit by unit.
+"""Decoding and preprocessing, unit by unit: in threads (image files) or DataLoader processes (shards).
 
 Design choices:
 
-- ``UnitStream`` is an ``IterableDataset`` over this worker's units; DataLoader worker ``j`` of
-  ``n`` takes units ``j, j + n, ...`` whole, so one unit is read by one process, in order.
-  It yields three kinds of records: ``Item`` (a decoded, preprocessed image), ``Failure`` (an
+- ``UnitStream`` is an ``IterableDataset`` over this worker's units; reader ``j`` of ``n``
+  takes units ``j, j + n, ...`` whole, so one unit is read by one reader, in order.
+  It yields three kinds of records: ``Chunk`` (decoded, preprocessed images), ``Failure`` (an
   input that could not be read: the reason, the job goes on) and ``UnitEnd`` (the unit's
-  counts), which tells the main process that a unit has no more records. Records are plain
-  tuples of numpy arrays and strings, so the DataLoader moves them through shared memory.
+  counts), which tells the main process that a unit has no more records.
+- Image files are decoded by ``threads`` in this process (``thread_records``): reading and
+  OpenCV decoding release the GIL, so threads decode in parallel, and a decoded chunk reaches
+  the batcher without crossing a process boundary. Through DataLoader worker processes every
+  256x256 RGB image cost ~400 us of CPU on the way (a new shared-memory segment per chunk, its
+  page faults and a file-descriptor handoff over a socket), a fifth of decoding and encoding
+  it; the Python each image needs under the GIL is small beside OpenCV's 1.2 ms for decoding
+  it. Small images scale less well over threads (docs/BENCHMARKS.md: 32 px on 2 cores). Shards
+  are read by DataLoader worker processes: webdataset's tar iteration and key grouping are
+  Python, which threads would serialise.
 - Shards are read by ``seg.data.shards.shard_samples`` (the same reader, member -> sample rule
   and checks as training, against the ``dataset.json`` beside them when there is one) and
   decoded by ``seg.data.shards.decode_sample``. A shard that breaks mid-way or ends short
   keeps the samples read before and records a failure naming the shard for the rest.
 - Only the prepared raw pixels (channels adapted, resized in resize mode, still uint8/uint16)
-  travel to the main process, stacked into ``Chunk``s of up to ``chunk`` images as one tensor,
-  which the DataLoader passes through shared memory: one message per chunk, not per image
-  (per-message cost, not bytes, limits small images); plus the original images when overlays
+  go to the batcher, stacked into ``Chunk``s of up to ``chunk`` images as one tensor: one
+  record per chunk, not per image (per-record cost, not bytes, limits small images). From a
+  worker process, a chunk of at most ``BY_VALUE_BYTES`` travels by value through the pipe (a
+  shared-memory tensor measured twice the cost of copying 200 KB, 64 images of 32x32x3), a
+  larger one through shared memory; plus the original images when overlays
   are requested; masks in labelled shards are ignored (prediction does not need
-  them). Batches are formed in the main process (``batch_size=None`` here), so end-of-unit
-  markers are never held back inside a batch.
+  them). Batches are formed by the consumer (``batch_size=None`` here), so end-of-unit
+  markers are never held back inside a batch. With ``pin_memory`` (CUDA) chunks come in
+  page-locked memory, ready for an asynchronous copy to the GPU.
 - Each worker process runs with one torch and one OpenCV thread (forked inside
   ``seg.data.io.opencv_threads(1)``): parallelism comes from the processes, and the main
   process keeps its cores for the model.
@@ -29,6 +40,8 @@ Design choices:
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -50,6 +63,13 @@ class Item(NamedTuple):
     slice: tuple[int, int, int] | None = None  # (axis, index, count) of a volume's slice
 
 
+BY_VALUE_BYTES = 1 << 20  # chunks up to this size are pickled by value, larger ones use shared memory
+
+
+def _chunk_by_value(unit, sources, rels, x: np.ndarray, sizes, images, slices=()) -> "Chunk":
+    return Chunk(unit, sources, rels, torch.from_numpy(x), sizes, images, slices)
+
+
 class Chunk(NamedTuple):
     """Consecutive items of one unit whose prepared pixels share shape and dtype, stacked."""
     unit: int
@@ -64,6 +84,13 @@ class Chunk(NamedTuple):
         for i, source in enumerate(self.sources):
             yield Item(self.unit, source, self.rels[i], self.x[i], self.sizes[i], self.images[i],
                        self.slices[i] if self.slices else None)
+
+    def __reduce__(self):
+        # small chunks by value (see the module docstring); torch's reduction puts larger ones in shared memory
+        if self.x.nbytes <= BY_VALUE_BYTES:
+            return _chunk_by_value, (self.unit, self.sources, self.rels, self.x.numpy(), self.sizes, self.images,
+                                     self.slices)
+        return Chunk, tuple(self)
 
 
 class Failure(NamedTuple):
@@ -192,17 +219,76 @@ def _identity(record):
     return record
 
 
-def record_loader(stream: UnitStream, num_workers: int = 2, prefetch: int = 4):
-    """Records of ``stream``, decoded in ``num_workers`` processes (0: in this process).
+_DONE = object()
 
-    Records come unbatched; at most ``num_workers * prefetch`` are in flight.
+
+def thread_records(stream: UnitStream, threads: int, prefetch: int = 4, pin_memory: bool = False) -> Iterator:
+    """Records of ``stream`` decoded by ``threads`` threads (thread ``j`` reads units ``j, j + n, ...``).
+
+    At most ``threads * prefetch`` records wait in the queue. Records of one unit keep their
+    order; units interleave. An exception in a thread is raised here; closing the generator
+    stops the threads.
+    """
+    records: queue.Queue = queue.Queue(maxsize=max(1, threads * prefetch))
+    stop = threading.Event()
+
+    def put(record) -> bool:
+        while not stop.is_set():
+            try:
+                records.put(record, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read(j: int) -> None:
+        try:
+            part = UnitStream(stream.units[j::threads], stream.pre, stream.keep_image, stream.chunk)
+            for record in part:
+                if isinstance(record, Chunk) and pin_memory:
+                    record = record._replace(x=record.x.pin_memory())
+                if not put(record):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(exc)
+
+    workers = [threading.Thread(target=read, args=(j,), name=f"seg-decode-{j}", daemon=True) for j in range(threads)]
+    for w in workers:
+        w.start()
+    try:
+        done = 0
+        while done < threads:
+            record = records.get()
+            if record is _DONE:
+                done += 1
+            elif isinstance(record, BaseException):
+                raise record
+            else:
+                yield record
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+
+
+def record_loader(stream: UnitStream, num_workers: int = 2, prefetch: int = 4, pin_memory: bool = False):
+    """Records of ``stream``, decoded by ``num_workers`` readers (0: in this thread): threads for
+    image files, DataLoader processes for shards (see the module docstring).
+
+    Records come unbatched; at most ``num_workers * prefetch`` are in flight. ``pin_memory``
+    (CUDA): each chunk's pixels are copied into page-locked memory (by the reading thread, or
+    the DataLoader's pin thread), so the batch's copy to the GPU can be asynchronous.
     """
     if num_workers == 0:
         return iter(stream)
     workers = max(0, min(num_workers, len(stream.units)))
     if workers == 0:
         return iter(())
+    if all(unit.kind == "files" for unit in stream.units):
+        return thread_records(stream, workers, prefetch, pin_memory)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=prefetch,
-                                         worker_init_fn=_worker_init, collate_fn=_identity, persistent_workers=False)
+                                         pin_memory=pin_memory, worker_init_fn=_worker_init, collate_fn=_identity,
+                                         persistent_workers=False)
     with opencv_threads(1):  # the workers are forked here and keep one OpenCV thread (seg.data.io)
         return iter(loader)

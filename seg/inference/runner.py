@@ -8,6 +8,19 @@ Design choices:
   ``batch_size`` images form a batch; in tile mode each image's tiles are batched), and a
   bounded pool of writer threads resizes back, encodes and writes (``seg.inference.writers``).
   Memory is bounded by prefetch + one batch + the writers' queue, never by the cohort.
+- Batches are cut from the decoded chunks without unpacking them: a batch that is one whole
+  chunk is its tensor as received (no copy), otherwise its slices are concatenated once; a
+  writer job is the batch's images of one unit (``writers.Block``, the probability array itself).
+  Per-image Python work in this thread is what limits small images.
+- Batches go through ``seg.inference.device.BatchForward``: one batch is in flight, collected
+  after the next one is launched, so on a GPU the host's stacking, encoding and writing overlap
+  the device's work (on the CPU a launch computes at once).
+- Quality control (``seg.inference.qc``, unless ``PredictConfig.qc`` is off) is computed by the
+  writer threads from the full-size probabilities, so with QC the probabilities come back to the
+  host (the device still predicts; masks are made on the device only with ``--no_qc``). A
+  unit's QC rows go to ``qc/part-W-of-N.csv`` just before its manifest line.
+- A NIfTI volume's slices are items like images; the unit sink assembles them and writes the
+  mask volume when the last slice is in (``seg.inference.volumes``).
 - A unit is finished when its end marker has arrived and every one of its images is written;
   only then are its tar closed and renamed, its temporaries of earlier killed runs removed, its
   failures appended to ``failures.jsonl`` and its line to ``manifest.jsonl``. A killed run
@@ -16,9 +29,6 @@ Design choices:
 - Units already in the manifest with this model are skipped (their recorded inputs must equal
   the planned ones). Stale temporaries are removed per finished unit, by output name, never
   folder-wide: another worker may be writing into the same folder at the same moment.
-- Quality control (``seg.inference.qc``, unless ``PredictConfig.qc`` is off) is computed by the
-  writers; a finished unit's QC rows go to this worker's ``qc/`` table
-  (``seg.inference.qc_table``) just before its manifest line.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from pathlib import Path
 from seg.config.inference import PredictConfig
 from seg.data.qc_reference import reference_from
 from seg.fileio import TMP_MARK
+from seg.inference.device import BatchForward
 from seg.inference.engine import Predictor
 from seg.inference.inputs import Unit, units_for_worker
 from seg.inference.loader import Chunk, Failure, Item, UnitEnd, UnitStream, record_loader
@@ -39,7 +50,7 @@ from seg.inference.manifest import FAILURES, MANIFEST, append_lines, check_model
 from seg.inference.qc import ImageQC
 from seg.inference.qc_table import append_unit_rows
 from seg.inference.volumes import output_names
-from seg.inference.writers import UnitSink, Writers
+from seg.inference.writers import Block, UnitSink, Writers
 
 
 def process_age() -> float:
@@ -121,6 +132,11 @@ class CohortRun:
         self.first_batch_start_s: float | None = None
         self._steady_from: tuple[float, int] | None = None  # (time, images) when the first batch was done
         self._temporaries: dict = {}  # remove_unit_temporaries' per-folder listing cache
+        self._pending_n = 0  # images in the pending batch
+        self._inflight = None  # (launched batch, its segments), collected after the next launch
+        # QC needs the full-size probabilities on the host: masks are made there too
+        self.batches = BatchForward(predictor, probability=cfg.save_probability, compile=cfg.compile,
+                                    device_post=False if cfg.qc else None)
 
     def _state(self, index: int) -> UnitState:
         if index not in self.states:
@@ -153,28 +169,56 @@ class CohortRun:
         for state in [s for s in self.states.values() if s.ready()]:
             self._finish(state)
 
-    def _flush(self, pending: list[Item], writers: Writers) -> None:
+    def _flush(self, pending: list[tuple[Chunk, int, int]], writers: Writers) -> None:
+        """Launch the pending batch (segments ``(chunk, start, end)``), then collect the one before."""
         if not pending:
             return
         import torch
 
-        batch = torch.stack([it.x for it in pending])
+        segments = list(pending)
+        pending.clear()
+        self._pending_n = 0
+        chunk, a, b = segments[0]
+        x = chunk.x[a:b] if len(segments) == 1 else torch.cat([c.x[i:j] for c, i, j in segments])
+        sizes = [size for c, i, j in segments for size in c.sizes[i:j]]
         if self.first_batch_start_s is None:
             self.first_batch_start_s = process_age()
-        probs = self.p.forward_raw(batch)
-        flips = self.p.pop_flip_dice()  # TTA flip agreement per image, or None
+        launched = self.batches.launch(x, sizes)
+        flips = self.p.pop_flip_dice()  # TTA: the flips' agreement per image (QC), taken at launch
+        self._collect(writers)
+        self._inflight = (launched, segments, None if flips is None else flips[:x.shape[0]])
+
+    def _collect(self, writers: Writers) -> None:
+        """Hand the batch in flight to the writers: one job per run of same-unit segments."""
+        if self._inflight is None:
+            return
+        launched, segments, flips = self._inflight
+        self._inflight = None
+        out = launched.result()
         self._mark_first_batch()
-        start = 0
-        for end in range(1, len(pending) + 1):  # one writer job per run of same-unit images
-            if end == len(pending) or pending[end].unit != pending[start].unit:
-                state = self._state(pending[start].unit)
-                state.futures.append(writers.submit_many(state.sink, [
-                    (it.source, it.rel, prob, it.size, it.image, it.slice,
-                     (it.x, None if flips is None else float(flips[k])))
-                    for k, it, prob in zip(range(start, end), pending[start:end], probs[start:end])]))
-                state.submitted += end - start
-                start = end
-        pending.clear()
+        offset = 0
+        k = 0
+        while k < len(segments):
+            unit = segments[k][0].unit
+            run = [segments[k]]
+            while k + len(run) < len(segments) and segments[k + len(run)][0].unit == unit:
+                run.append(segments[k + len(run)])
+            n = sum(j - i for _, i, j in run)
+            at = [(c, m) for c, i, j in run for m in range(i, j)]
+            block = Block(sources=[c.sources[m] for c, m in at], rels=[c.rels[m] for c, m in at],
+                          sizes=[c.sizes[m] for c, m in at], images=[c.images[m] for c, m in at],
+                          slices=[c.slices[m] if c.slices else None for c, m in at],
+                          qc_in=[(c.x[m], None if flips is None else float(flips[offset + q]))
+                                 for q, (c, m) in enumerate(at)],
+                          probs=None if out.probs is None else out.probs[offset:offset + n],
+                          masks=None if out.masks is None else out.masks[offset:offset + n],
+                          counts=None if out.counts is None else out.counts[offset:offset + n],
+                          prob16=None if out.prob16 is None else out.prob16[offset:offset + n])
+            state = self._state(unit)
+            state.futures.append(writers.submit_block(state.sink, block))
+            state.submitted += n
+            offset += n
+            k += len(run)
 
     def _mark_first_batch(self) -> None:
         if self.first_batch_s is None:
@@ -187,26 +231,35 @@ class CohortRun:
             return None
         return round((self.images - self._steady_from[1]) / (end - self._steady_from[0]), 3)
 
-    def _add(self, item: Item, pending: list[Item], writers: Writers) -> None:
-        """Predict a tile-mode image now, or queue a resize-mode one for the next batch."""
+    def _add(self, item: Item, writers: Writers) -> None:
+        """Predict a tile-mode image now (whole native-size images, one at a time)."""
         self.images += 1
         state = self._state(item.unit)
-        if self.p.mode == "tile":
-            if self.first_batch_start_s is None:
-                self.first_batch_start_s = process_age()
-            prob = self.p.predict_tiled(item.x.numpy())
-            flips = self.p.pop_flip_dice()  # one value per tile: the image's is their mean
-            self._mark_first_batch()
-            flip = None if flips is None or not len(flips) else float(flips.mean())
-            state.futures.append(writers.submit(state.sink, item.source, item.rel, prob, item.size, item.image,
-                                                item.slice, (item.x, flip)))
-            state.submitted += 1
-            return
-        if pending and pending[0].x.dtype != item.x.dtype:  # 8- and 16-bit scale differently
+        if self.first_batch_start_s is None:
+            self.first_batch_start_s = process_age()
+        prob = self.p.predict_tiled(item.x.numpy())
+        flips = self.p.pop_flip_dice()  # one value per tile: the image's is their mean
+        self._mark_first_batch()
+        flip = None if flips is None or not len(flips) else float(flips.mean())
+        state.futures.append(writers.submit(state.sink, item.source, item.rel, prob, item.size, item.image,
+                                            item.slice, (item.x, flip)))
+        state.submitted += 1
+
+    def _add_chunk(self, chunk: Chunk, pending: list[tuple[Chunk, int, int]], writers: Writers) -> None:
+        """Queue a resize-mode chunk's images for the next batches, launching each full batch."""
+        n = len(chunk.sources)
+        self.images += n
+        self._state(chunk.unit)
+        if pending and pending[0][0].x.dtype != chunk.x.dtype:  # 8- and 16-bit scale differently
             self._flush(pending, writers)
-        pending.append(item)
-        if len(pending) >= self.p.batch_size:
-            self._flush(pending, writers)
+        start = 0
+        while start < n:
+            take = min(n - start, self.p.batch_size - self._pending_n)
+            pending.append((chunk, start, start + take))
+            self._pending_n += take
+            start += take
+            if self._pending_n >= self.p.batch_size:
+                self._flush(pending, writers)
 
     def plan(self) -> tuple[list[Unit], list[dict]]:
         """(units to do, manifest records of this worker's finished units)."""
@@ -237,14 +290,20 @@ class CohortRun:
                           room, qc=ImageQC(self.p.threshold, reference_from(self.p.checkpoint)) if self.cfg.qc else None)
         stream = UnitStream(todo, self.p.preprocessor, keep_image=self.cfg.save_overlay,
                             chunk=1 if self.p.mode == "tile" else min(self.p.batch_size, 64))
-        pending: list[Item] = []
+        pending: list[tuple[Chunk, int, int]] = []
+        records = None
         try:
             # tile mode: whole native-size images travel, so keep one per decoding process in flight
             prefetch = 1 if self.p.mode == "tile" else 4
-            for rec in record_loader(stream, self.cfg.num_workers, prefetch):
+            pin = self.batches.device_post and self.p.device.type == "cuda" and self.p.mode == "resize"
+            records = record_loader(stream, self.cfg.num_workers, prefetch, pin_memory=pin)
+            for rec in records:
                 if isinstance(rec, Chunk):
-                    for item in rec.items():
-                        self._add(item, pending, writers)
+                    if self.p.mode == "tile":
+                        for item in rec.items():
+                            self._add(item, writers)
+                    else:
+                        self._add_chunk(rec, pending, writers)
                     bar.update(len(rec.sources))
                 elif isinstance(rec, Failure):
                     self.failures += 1
@@ -254,6 +313,7 @@ class CohortRun:
                     self._state(rec.unit).end = rec
                 self._finish_ready()
             self._flush(pending, writers)
+            self._collect(writers)
             writers.close()
             self._finish_ready()
             if self.states:  # every unit sends its end marker; anything left is a bug, not user error
@@ -263,6 +323,8 @@ class CohortRun:
                 state.sink.abort()
             raise
         finally:
+            if records is not None and hasattr(records, "close"):  # stop decoding threads at once
+                records.close()
             writers.pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
         end = time.perf_counter()

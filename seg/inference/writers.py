@@ -5,10 +5,15 @@ Design choices:
 - Writing runs on ``threads`` threads behind a limit of ``max_pending`` images: when the
   writers fall behind, ``submit`` blocks the main loop instead of queueing without bound, so
   memory stays bounded whatever the cohort size. A job is a batch's images of one unit
-  (``submit_many``), not one image: for small images the per-job handoff (future, semaphore,
+  (``submit_block``), not one image: for small images the per-job handoff (future, semaphore,
   queue, thread wake-up) cost more than encoding and writing. The jobs themselves (bilinear resize of the
   probabilities back to the original size, thresholding, PNG encoding, file writes) are mostly
   OpenCV and I/O calls that release the GIL, so they overlap with the model's forward.
+- A job is a ``Block``: the batch's probability array itself (no per-image copies), thresholded
+  and counted in one array operation when the images already have the network's size, else
+  image by image after the resize back. A ``Block`` may instead carry masks already at the
+  original size (``uint8`` 0/255) with their foreground pixel counts, as the CUDA path makes
+  them on the device (``seg.inference.device``); the writer then only encodes and writes.
 - Outputs per image, named from the sanitised stem: ``{stem}_mask.png`` (8-bit 0/255),
   ``{stem}_overlay.png`` (the image with the mask tinted red), ``{stem}_prob.png`` (16-bit,
   probability x 65535).
@@ -21,6 +26,8 @@ Design choices:
   same way, then handed to the unit's ``VolumeAssembler`` (``seg.inference.volumes``), which
   writes ``{stem}_mask.nii.gz`` through the sink when the volume's last slice is in; only that
   job returns a record (the volume's), the others none.
+- Quality control (``qc``: ``seg.inference.qc.ImageQC``) measures a block's full-size
+  probability maps together, in the same job, and adds ``qc`` to each image's record.
 - PNG files are not fsync'ed one by one (that would cost more than encoding them); the rename
   protects against process kills and preemption. Against a machine crash, ``--format tar`` (one
   fsync'ed file per unit) is the safe choice.
@@ -39,6 +46,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -80,7 +88,50 @@ def encode_png(array: np.ndarray, rgb: bool = False) -> bytes:
 
 def probability_png(prob: np.ndarray) -> bytes:
     """16-bit PNG of probabilities in [0, 1] (value = round(p * 65535))."""
-    return encode_png(np.round(np.clip(prob, 0, 1) * 65535).astype(np.uint16))
+    return encode_png(probability_u16(prob))
+
+
+def probability_u16(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as uint16 ``round(p * 65535)`` (what ``_prob.png`` stores)."""
+    return np.round(np.clip(prob, 0, 1) * 65535).astype(np.uint16)
+
+
+class Block(NamedTuple):
+    """One writer job: consecutive images of one unit, with their probabilities or masks.
+
+    Attributes:
+        sources, rels, sizes, images: per image (input, output stem, original ``(H, W)``,
+            original image for overlays or None).
+        probs: ``(n, h, w)`` float32 array (or a sequence of ``(h, w)`` arrays) of probabilities
+            at the network's size, resized back here; None when ``masks`` are given.
+        masks: per image ``uint8`` 0/255 at the original size (thresholded on the device).
+        counts: foreground pixel count per mask (with ``masks``).
+        prob16: per image ``uint16`` probability maps at the original size (with ``masks``, when
+            ``_prob.png`` is written).
+        slices: per image ``(axis, index, count)`` of a volume's slice, or None for an image.
+        qc_in: per image the QC inputs ``(prepared pixels, TTA flip agreement or None)``.
+    """
+    sources: Sequence[str]
+    rels: Sequence[str]
+    sizes: Sequence[tuple[int, int]]
+    images: Sequence[np.ndarray | None]
+    probs: np.ndarray | Sequence[np.ndarray] | None = None
+    masks: Sequence[np.ndarray] | None = None
+    counts: Sequence[int] | None = None
+    prob16: Sequence[np.ndarray] | None = None
+    slices: Sequence[tuple[int, int, int] | None] | None = None
+    qc_in: Sequence[tuple] | None = None
+
+    @property
+    def count(self) -> int:
+        """Images in the block."""
+        return len(self.sources)
+
+
+def _pixels(prepared, image):
+    """The pixels QC checks for content: the prepared ones, else the original image (numpy)."""
+    pixels = prepared if prepared is not None else image
+    return pixels.numpy() if hasattr(pixels, "numpy") else pixels
 
 
 def encode_outputs(prob: np.ndarray, threshold: float, image: np.ndarray | None = None,
@@ -204,63 +255,82 @@ class Writers:
             self.pending -= n
             self.room.notify_all()
 
-    def _one(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
-             image: np.ndarray | None, slice: tuple[int, int, int] | None = None,
-             qc_in: tuple | None = None) -> tuple[dict | None, np.ndarray | None, tuple | None]:
-        """(record or None, probability map for QC or None, QC inputs) of one image or slice."""
-        prob = Predictor.restore(prob, size)
-        if slice is not None:  # a volume's slice: the volume's record once its last slice is in
-            return sink.volumes.add(sink, source, rel, slice, prob > self.threshold), None, None
-        image = image.numpy() if hasattr(image, "numpy") else image
-        files, fg = encode_outputs(prob, self.threshold, image, self.overlay, self.probability)
-        for suffix, data in files.items():
-            sink.write(rel + suffix, data)
-        # qc_in: (pixels for the intensity check, flip agreement or None)
-        record = {"input": source, "output": rel + "_mask.png", "foreground": round(fg, 6)}
-        return (record, prob, qc_in or (image, None)) if self.qc is not None else (record, None, None)
+    def _masks(self, b: Block) -> tuple[Sequence[np.ndarray], Sequence[int], Sequence[np.ndarray] | None, Sequence]:
+        """(uint8 0/255 masks at the original sizes, foreground counts, uint16 maps or None,
+        float32 probabilities at the original sizes or None when the device made the masks)."""
+        if b.masks is not None:
+            return b.masks, b.counts, b.prob16, None
+        probs = b.probs
+        if isinstance(probs, np.ndarray) and probs.ndim == 3 and all(tuple(s) == probs.shape[1:] for s in b.sizes):
+            full = probs  # already the original size: the whole batch at once
+            above = probs > self.threshold
+            counts = np.count_nonzero(above.reshape(len(probs), -1), axis=1).tolist()
+            masks = np.multiply(above, np.uint8(255), dtype=np.uint8)
+        else:
+            full = [Predictor.restore(p, s) for p, s in zip(probs, b.sizes)]
+            above = [p > self.threshold for p in full]
+            counts = [int(np.count_nonzero(m)) for m in above]
+            masks = [np.multiply(m, np.uint8(255), dtype=np.uint8) for m in above]
+        return masks, counts, [probability_u16(p) for p in full] if self.probability else None, full
 
-    def _job(self, sink: UnitSink, items: list[tuple]) -> list[dict]:
-        done = [self._one(sink, *item) for item in items]
-        measured = [(record, prob, q) for record, prob, q in done if prob is not None]
-        if measured:  # the job's maps measured together (ImageQC.many: per-call cost dominates)
-            qcs = self.qc.many([p for _, p, _ in measured], [q[0] for *_, q in measured], [q[1] for *_, q in measured])
-            for (record, _, _), qc in zip(measured, qcs):
+    def _block_job(self, sink: UnitSink, b: Block) -> list[dict]:
+        masks, counts, prob16, full = self._masks(b)
+        records, measured = [], []
+        for i, rel in enumerate(b.rels):
+            mask = masks[i]
+            if b.slices is not None and b.slices[i] is not None:  # the volume's record once its last slice is in
+                record = sink.volumes.add(sink, b.sources[i], rel, b.slices[i], mask > 0)
+                if record is not None:
+                    records.append(record)
+                continue
+            sink.write(rel + "_mask.png", encode_png(mask))
+            if self.overlay:
+                image = b.images[i]
+                if image is None:
+                    raise ValueError("an overlay needs the original image")
+                image = image.numpy() if hasattr(image, "numpy") else image
+                sink.write(rel + "_overlay.png", encode_png(overlay_rgb(image, mask), rgb=True))
+            if prob16 is not None:
+                sink.write(rel + "_prob.png", encode_png(prob16[i]))
+            records.append({"input": b.sources[i], "output": rel + "_mask.png",
+                            "foreground": round(counts[i] / mask.size, 6) if mask.size else 0.0})
+            if self.qc is not None and full is not None:
+                measured.append((records[-1], i))
+        if measured:  # the block's maps measured together (ImageQC.many: per-call cost dominates)
+            qc_in = b.qc_in or [(None, None)] * b.count
+            qcs = self.qc.many([full[i] for _, i in measured], [_pixels(qc_in[i][0], b.images[i]) for _, i in measured],
+                               [qc_in[i][1] for _, i in measured])
+            for (record, _), qc in zip(measured, qcs):
                 record["qc"] = qc
-        return [record for record, _, _ in done if record is not None]
+        return records
 
-    def submit_many(self, sink: UnitSink, items: list[tuple]) -> Future:
-        """Queue the outputs of several images of one unit as one job (one thread handoff, one
-        future and one semaphore slot for the lot: per-job cost, not encoding, limits small images);
-        blocks while ``max_pending`` images are in flight. The future's result is one record per item.
-
-        Args:
-            items: ``(source, rel, prob, size, image[, slice[, qc_in]])`` tuples, as ``submit`` takes them.
-        """
-        items = list(items)
-        n = len(items)
+    def _submit(self, n: int, fn, *args) -> Future:
         self._acquire(n)
         try:
-            future = self.pool.submit(self._job, sink, items)
+            future = self.pool.submit(fn, *args)
         except BaseException:
             self._release(n)
             raise
         future.add_done_callback(lambda _: self._release(n))
         return future
 
+    def submit_block(self, sink: UnitSink, block: Block) -> Future:
+        """Queue one ``Block`` (a batch's images of one unit) as one job; blocks while
+        ``max_pending`` images are in flight. The future's result is one record per image."""
+        return self._submit(block.count, self._block_job, sink, block)
+
     def submit(self, sink: UnitSink, source: str, rel: str, prob: np.ndarray, size: tuple[int, int],
                image: np.ndarray | None = None, slice: tuple[int, int, int] | None = None,
                qc_in: tuple | None = None) -> Future:
-        """Queue one image's outputs (a job of one; see ``submit_many``). The future's result is a
-        list holding the image's record.
-
-        Args:
-            qc_in: ``(pixels, flip_dice)`` for QC: any view of the input image (the prepared
-                pixels do) for the intensity check, and the TTA flip agreement or None.
+        """Queue one image's outputs (a ``Block`` of one: tile mode's whole-image maps). The
+        future's result is a list holding the image's record (empty for a volume slice that is
+        not the volume's last).
 
         Shape:
-            prob: ``(h, w)`` float32 at the network's size (resized back to ``size`` here).
+            prob: ``(h, w)`` float32 (resized back to ``size`` here).
         """
-        return self.submit_many(sink, [(source, rel, prob, size, image, slice, qc_in)])
+        return self.submit_block(sink, Block([source], [rel], [size], [image], probs=[prob], slices=[slice],
+                                             qc_in=[qc_in]))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -21,6 +21,8 @@ Design choices:
   ``to_device``: convolutions on both CPU (oneDNN) and GPU (cuDNN) are faster in NHWC.
 - Gradient accumulation and clipping go through Accelerate (``accumulate``,
   ``clip_grad_norm_``) so that DDP skips the gradient all-reduce on accumulation steps.
+- DDP options (``gradient_as_bucket_view``, ``static_graph``) and cuDNN autotuning come from
+  ``seg.training.devices``.
 - ``deterministic: true`` seeds every RNG and turns on deterministic kernels
   (``torch.use_deterministic_algorithms``), the condition for bitwise-identical resumed runs.
 """
@@ -36,6 +38,7 @@ import torch
 from seg.config import Config
 from seg.dist import read_dist_env
 from seg.precision import accelerate_name, resolve_precision
+from seg.training.devices import DeviceSettings, configure_cudnn, ddp_kwargs_handlers
 
 
 def resolve_mixed_precision(requested: str, device_type: str | None = None) -> str:
@@ -72,6 +75,7 @@ def build_accelerator(cfg: Config, project_dir: str | None = None):
 
     read_dist_env()  # raises on a half-set torchrun environment
     t = cfg.train
+    devices = DeviceSettings.from_config(cfg)  # cuDNN autotuning and DDP options (seg.training.devices)
     trackers = _check_tracker(t.log_with)
     if t.deterministic:
         # cuBLAS needs this before the first CUDA call for deterministic matmuls
@@ -79,12 +83,14 @@ def build_accelerator(cfg: Config, project_dir: str | None = None):
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # CPU-only DDP (gloo) is only set up when asked
         mixed_precision=accelerate_name(resolve_mixed_precision(t.mixed_precision)),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout))],
         gradient_accumulation_steps=t.grad_accum,
         log_with=trackers,
         project_dir=project_dir,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout)),
+                         *ddp_kwargs_handlers(devices, t.grad_accum)],  # gradient_as_bucket_view, static_graph
     )
     set_seed(t.seed, deterministic=t.deterministic)
+    configure_cudnn(devices, accelerator.device, cfg.data.sampling, t.deterministic)
     if accelerator.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" \
             and "MASTER_PORT" in os.environ:
         warnings.warn("`accelerate launch --cpu --num_processes N` starts ONE process (Accelerate needs mpirun "
