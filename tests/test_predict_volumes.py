@@ -96,3 +96,27 @@ def test_checkpoint_and_inputs_must_match():
     check_volume_inputs(image_unit, {"image_size": 32}, overlay=True)
     with pytest.raises(ValueError, match="not trained on NIfTI volumes"):
         next(volume_slices("a/v.nii.gz", Preprocessor("resize", 32, 1, [0.0], [1.0])))
+
+
+def _slice_qc(score, fg, flags=(), empty_on_content=False, flip=None):
+    return {"score": score, "flags": list(flags), "entropy": 1 - score ** 0.5, "flip_dice": flip, "foreground": fg,
+            "foreground_quantile": 0.5, "components": 1, "components_quantile": 0.5, "content": 0.1,
+            "empty_on_content": empty_on_content, "touches_border": False}
+
+
+def test_volume_qc_is_decided_by_the_slices_with_something_to_judge():
+    from seg.inference.volumes import volume_qc
+
+    blank = [_slice_qc(1.0, 0.0) for _ in range(15)]  # outside the anatomy: empty and right
+    judged = [_slice_qc(0.8, 0.1), _slice_qc(0.6, 0.2, ["uncertain"]), _slice_qc(0.1, 0.0, ["empty_on_content"],
+                                                                                 empty_on_content=True)]
+    qc = volume_qc(blank + judged, foreground=0.02)
+    assert qc["score"] == pytest.approx((0.8 + 0.6 + 0.1) / 3, abs=1e-4) and qc["slices_judged"] == 3
+    assert qc["flags"] == ["uncertain"] and qc["slices_flagged"] == 2  # 1 of 3 slices >= 5 %
+    assert qc["empty_on_content"] is False  # the volume's mask is not empty
+    empty = volume_qc(blank + [_slice_qc(0.2, 0.0, ["empty_on_content"], empty_on_content=True)], foreground=0.0)
+    assert empty["flags"] == ["empty_on_content"] and empty["empty_on_content"] is True
+    assert volume_qc(blank, foreground=0.0)["score"] == 1.0  # nothing to judge: every slice counts
+    good = volume_qc(blank + [_slice_qc(0.8, 0.1), _slice_qc(0.6, 0.1)], foreground=0.02)
+    worse = volume_qc(blank + [_slice_qc(0.8, 0.1), _slice_qc(0.3, 0.1)], foreground=0.02)
+    assert worse["score"] < good["score"]  # monotone in its slices' scores

@@ -81,6 +81,7 @@ def test_volumes_prepare_train_predict_evaluate(tmp_path, capsys):
     ckpt = torch.load(model, weights_only=True)
     assert ckpt["preprocess"]["volume"] == {"slice_axis": "axial", "normalization": info["normalization"]}
     assert ckpt["preprocess"]["mean"] == [0.0] and ckpt["preprocess"]["std"] == [1.0]
+    assert ckpt["qc_reference"] == info["qc_reference"] and info["qc_reference"]["split"] == "train"  # QC of slices
 
     predictor = Predictor(str(model), device="cpu", precision="fp32", batch_size=1)
     probs = {i: _canonical_probabilities(predictor, tmp_path / "images" / f"sub-{i:02d}.nii.gz") for i in range(N)}
@@ -109,8 +110,12 @@ def test_volumes_prepare_train_predict_evaluate(tmp_path, capsys):
     again = _run("seg.predict", args)  # resume: every volume is already done
     assert again.returncode == 0 and f"0 units done, {N} already finished" in again.stdout
     assert (preds / "sub-00_mask.nii.gz").stat().st_mtime_ns == mtime
+    assert 0 <= rec["qc"]["score"] <= 1 and rec["qc"]["slices_judged"] >= 1  # QC per volume, as per image
+    assert rec["qc"]["foreground"] == rec["foreground"]
     summary = _run("seg.predict", ["--summarize", str(preds), "--json"])
     assert summary.returncode == 0 and json.loads(summary.stdout)["images"] == N
+    qc_rows = (preds / "qc.csv").read_text().splitlines()
+    assert len(qc_rows) == N + 1 and any("sub-00_mask.nii.gz" in row for row in qc_rows)
 
     # an unreadable volume is a failure of its own unit; the others are written (exit 3)
     broken = tmp_path / "broken.nii.gz"

@@ -42,6 +42,7 @@ import numpy as np
 from seg.data import volumes as V
 from seg.data.io import encode_mask_png, opencv_threads
 from seg.data.pairing import Pair, Problem, group_of, split_of
+from seg.data.qc_reference import build_reference, mask_stats
 from seg.data.volumes import is_volume_name
 from seg.fileio import atomic_write_json
 from seg.progress import progress_bar
@@ -148,7 +149,7 @@ def volume_samples(pair: Pair, split: str, group: str, opts: VolumeOptions) -> d
               "original_shape": list(g.original_shape), "affine": _listed(g.affine),
               "original_affine": _listed(g.original_affine), "channels": 1, "dtype": str(vol.data.dtype),
               "normalization": stats}
-    samples, heights, widths, fractions, dropped = [], [], [], [], 0
+    samples, heights, widths, fractions, qc_stats, dropped = [], [], [], [], [], 0
     n = V.slice_count(g.shape, axis)
     for k in range(n):
         key = f"{pair.key}/{axis}_{k:04d}"
@@ -164,12 +165,14 @@ def volume_samples(pair: Pair, split: str, group: str, opts: VolumeOptions) -> d
                 continue
             sample["mask.png"] = encode_mask_png(mask)
             fractions.append(meta["foreground_fraction"])
+            qc_stats.append(mask_stats(mask))  # the slice's share of the QC reference (seg.data.qc_reference)
         sample["json"] = json.dumps(meta).encode("utf-8")
         samples.append(sample)
         heights.append(meta["height"])
         widths.append(meta["width"])
     return {"key": pair.key, "split": split, "group": group, "samples": samples, "dropped": dropped,
-            "heights": heights, "widths": widths, "fractions": fractions, "spacing": list(g.spacing),
+            "heights": heights, "widths": widths, "fractions": fractions, "qc_stats": qc_stats,
+            "spacing": list(g.spacing),
             "slices": n}
 
 
@@ -265,7 +268,7 @@ def _write_volumes(pairs, problems, groups, opts: VolumeOptions, series: dict, w
                    progress: bool) -> dict:
     """Pass 2: every volume's slices into ``series``; returns the counts and statistics seen."""
     seen = {"volumes": dict.fromkeys(series, 0), "dropped": 0, "heights": [], "widths": [], "fractions": [],
-            "spacing": [], "kept": {}}
+            "spacing": [], "kept": {}, "qc_stats": {name: [] for name in series}}
     jobs = [(p, groups[p.key][1], groups[p.key][0], opts) for p in pairs]
     with progress_bar(total=len(jobs), unit="volume", desc="prepare", disable=not progress) as bar:
         for r in _ordered(volume_samples, jobs, workers):
@@ -282,6 +285,7 @@ def _write_volumes(pairs, problems, groups, opts: VolumeOptions, series: dict, w
             for name in ("heights", "widths", "fractions"):
                 seen[name] += r[name]
             seen["spacing"].append(r["spacing"])
+            seen["qc_stats"][r["split"]] += r["qc_stats"]
             seen["kept"][r["key"]] = groups[r["key"]]
     return seen
 
@@ -357,6 +361,9 @@ def prepare_volume_dataset(pairs: list[Pair], problems: list[Problem], labelled:
                         "spacing_mm": {"min": spacing.min(0).tolist() if len(spacing) else None,
                                        "max": spacing.max(0).tolist() if len(spacing) else None}},
             "groups": groups_record(seen["kept"], group_by, names)}
+    if labelled:  # the training slices' masks, for prediction QC (seg.inference.qc), as for 2D data
+        split = "train" if seen["qc_stats"].get("train") else "val"
+        info["qc_reference"] = build_reference(seen["qc_stats"].get(split, []), split)
     atomic_write_json(out / "dataset.json", info)
     return info
 

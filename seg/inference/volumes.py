@@ -14,6 +14,9 @@ Design choices:
   the last slice writes ``{stem}_mask.nii.gz`` through the unit's sink (a file renamed into
   place, or a member of the unit's tar) and returns the volume's manifest record. A volume is a
   unit of its own, so the manifest, resume and failures work per volume unchanged.
+- QC per volume: each slice is measured as an image (``seg.inference.qc``), and the volume's
+  ``qc`` record aggregates them when the last slice is in (``volume_qc``): the slices that hold
+  something to judge (a predicted mask, or an empty one on non-blank intensities) decide it.
 - The mask file is written in the INPUT's storage order with its affine and header
   (``seg.data.volumes.mask_volume_bytes``): the header is read again here (header only), so no
   geometry travels between processes.
@@ -30,6 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from seg.data import volumes as V
+from seg.inference.qc import FLAGS
 
 MASK_SUFFIX = "_mask.nii.gz"
 
@@ -64,9 +68,11 @@ class VolumeAssembler:
         self.lock = threading.Lock()
         self.pending: dict[str, dict] = {}
 
-    def add(self, sink, source: str, rel: str, where: tuple[int, int, int], mask: np.ndarray) -> dict | None:
+    def add(self, sink, source: str, rel: str, where: tuple[int, int, int], mask: np.ndarray,
+            qc: dict | None = None) -> dict | None:
         """Add slice ``where = (axis, index, count)`` of ``source``; the volume's manifest record
-        (``input``, ``output``, ``foreground``, ``slices``) once its last slice is in, else None.
+        (``input``, ``output``, ``foreground``, ``slices``, and ``qc`` when the slices have QC
+        records) once its last slice is in, else None.
 
         Shape:
             mask: ``(H, W)`` bool, the slice at the volume's size.
@@ -76,19 +82,54 @@ class VolumeAssembler:
             entry = self.pending.get(source)
             if entry is None:
                 geometry = V.VolumeGeometry.read(source)
-                entry = {"geometry": geometry, "mask": np.zeros(geometry.shape, bool), "seen": set()}
+                entry = {"geometry": geometry, "mask": np.zeros(geometry.shape, bool), "seen": set(), "qc": []}
                 self.pending[source] = entry
             cut = [slice(None)] * 3
             cut[axis] = index
             entry["mask"][tuple(cut)] = mask
             entry["seen"].add(index)
+            if qc is not None:
+                entry["qc"].append(qc)
             if len(entry["seen"]) < count:
                 return None
             del self.pending[source]
         volume = entry["mask"]
         sink.write(rel + MASK_SUFFIX, V.mask_volume_bytes(volume, entry["geometry"]))
-        return {"input": source, "output": rel + MASK_SUFFIX, "foreground": round(float(volume.mean()), 6),
-                "slices": count}
+        record = {"input": source, "output": rel + MASK_SUFFIX, "foreground": round(float(volume.mean()), 6),
+                  "slices": count}
+        if entry["qc"]:
+            record["qc"] = volume_qc(entry["qc"], record["foreground"])
+        return record
+
+
+VOLUME_FLAG_SHARE = 0.05  # a slice flag counts for the volume when it fires on this share of judged slices
+
+
+def volume_qc(slices: list[dict], foreground: float) -> dict:
+    """A volume's QC record from its slices' records (``seg.inference.qc``), same keys.
+
+    The judged slices are those with a predicted mask or an empty mask on non-blank intensities
+    (``empty_on_content``); blank, correctly empty slices say nothing about the volume. Over
+    them: ``score`` and ``entropy`` are means, ``flip_dice`` the mean where TTA ran, ``content``
+    the largest; a flag is the volume's when it fired on at least ``VOLUME_FLAG_SHARE`` of them.
+    ``empty_on_content`` is the volume's own: an empty mask volume on non-blank intensities.
+    The training quantiles and component counts are slice measures and stay per slice
+    (``None`` here); ``slices_judged`` and ``slices_flagged`` count slices.
+    """
+    judged = [q for q in slices if q["foreground"] > 0 or q["empty_on_content"]] or slices
+    mean = lambda values: round(float(np.mean(values)), 4) if values else None  # noqa: E731
+    flip = [q["flip_dice"] for q in judged if q["flip_dice"] is not None]
+    contents = [q["content"] for q in slices if q["content"] is not None]
+    empty_on_content = foreground == 0 and any(q["empty_on_content"] for q in slices)
+    counts = {name: sum(name in q["flags"] for q in judged) for name in FLAGS}
+    flags = [name for name in FLAGS if counts[name] >= max(1, VOLUME_FLAG_SHARE * len(judged))
+             and name != "empty_on_content"] + (["empty_on_content"] if empty_on_content else [])
+    return {"score": mean([q["score"] for q in judged]), "flags": sorted(flags, key=FLAGS.index),
+            "entropy": mean([q["entropy"] for q in judged]), "flip_dice": mean(flip), "foreground": foreground,
+            "foreground_quantile": None, "components": None, "components_quantile": None,
+            "content": max(contents) if contents else None, "empty_on_content": empty_on_content,
+            "touches_border": any(q["touches_border"] for q in judged),
+            "slices_judged": len(judged), "slices_flagged": sum(1 for q in judged if q["flags"])}
 
 
 def output_names(output: str, suffixes: list[str]) -> list[str]:

@@ -275,11 +275,16 @@ class Writers:
 
     def _block_job(self, sink: UnitSink, b: Block) -> list[dict]:
         masks, counts, prob16, full = self._masks(b)
-        records, measured = [], []
+        qcs = [None] * b.count
+        if self.qc is not None and full is not None:  # the block's maps measured together (per-call cost dominates)
+            qc_in = b.qc_in or [(None, None)] * b.count
+            qcs = self.qc.many(list(full), [_pixels(q[0], image) for q, image in zip(qc_in, b.images)],
+                               [q[1] for q in qc_in])
+        records = []
         for i, rel in enumerate(b.rels):
             mask = masks[i]
             if b.slices is not None and b.slices[i] is not None:  # the volume's record once its last slice is in
-                record = sink.volumes.add(sink, b.sources[i], rel, b.slices[i], mask > 0)
+                record = sink.volumes.add(sink, b.sources[i], rel, b.slices[i], mask > 0, qcs[i])
                 if record is not None:
                     records.append(record)
                 continue
@@ -294,14 +299,8 @@ class Writers:
                 sink.write(rel + "_prob.png", encode_png(prob16[i]))
             records.append({"input": b.sources[i], "output": rel + "_mask.png",
                             "foreground": round(counts[i] / mask.size, 6) if mask.size else 0.0})
-            if self.qc is not None and full is not None:
-                measured.append((records[-1], i))
-        if measured:  # the block's maps measured together (ImageQC.many: per-call cost dominates)
-            qc_in = b.qc_in or [(None, None)] * b.count
-            qcs = self.qc.many([full[i] for _, i in measured], [_pixels(qc_in[i][0], b.images[i]) for _, i in measured],
-                               [qc_in[i][1] for _, i in measured])
-            for (record, _), qc in zip(measured, qcs):
-                record["qc"] = qc
+            if qcs[i] is not None:
+                records[-1]["qc"] = qcs[i]
         return records
 
     def _submit(self, n: int, fn, *args) -> Future:
