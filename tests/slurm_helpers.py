@@ -111,16 +111,23 @@ def queued(job: str, env: dict) -> bool:
     return bool(out.stdout.strip())
 
 
-def wait_job(job: str, env: dict, timeout: float = 240) -> dict[str, str]:
-    """Wait until the job (every array task) left the queue; returns the final states."""
+def wait_job(job: str, env: dict, timeout: float = 240, expect: set[str] | None = None) -> dict[str, str]:
+    """Wait until the job (every array task) left the queue; returns the final states.
+
+    Accounting lags the queue, task by task on a loaded machine (sacct listed one task of four,
+    or an array task under its job id alone): the states count once every one is terminal, two
+    reads a second apart agree and, when given, the job ids are ``expect``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not queued(job, env):
-            for _ in range(20):  # accounting lags the queue by a moment
+            previous = None
+            for _ in range(60):
                 states = job_states(job, env)
-                if states and all(s in TERMINAL for s in states.values()):
+                if states and all(s in TERMINAL for s in states.values()) and states == previous \
+                        and (expect is None or set(states) == expect):
                     return states
-                time.sleep(0.5)
+                previous = states
+                time.sleep(1)
             return job_states(job, env)
         time.sleep(1)
     subprocess.run(["scancel", job], env=env)

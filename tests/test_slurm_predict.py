@@ -38,7 +38,7 @@ def test_array_union_is_the_cohort_and_summary_runs_after(slurm_cluster, tmp_pat
     array = sbatch(["--array=0-3", "--cpus-per-task=1", PREDICT,
                     *_args(ckpt, tmp_path / "cohort", out, "--unit_size", "2")], tmp_path, env)
     summary = sbatch([f"--dependency=afterok:{array}", SUMMARIZE, str(out)], tmp_path, env)
-    states = wait_job(array, env, timeout=240)
+    states = wait_job(array, env, timeout=240, expect={f"{array}_{i}" for i in range(4)})
     assert states == {f"{array}_{i}": "COMPLETED" for i in range(4)}
     assert wait_job(summary, env, timeout=120) == {summary: "COMPLETED"}
     done = manifest_inputs(out)
@@ -63,7 +63,7 @@ def test_cancelled_task_resubmitted_alone_redoes_only_its_part(slurm_cluster, tm
     array = sbatch(["--array=0-3", "--cpus-per-task=1", PREDICT, *args], tmp_path, env)
     wait_for(lambda: any(w == 2 for w, _ in manifest_inputs(out)), 180, "task 2's first finished unit", 0.1)
     subprocess.run(["scancel", f"{array}_2"], env=env, check=True)
-    states = wait_job(array, env, timeout=240)
+    states = wait_job(array, env, timeout=240, expect={f"{array}_{i}" for i in range(4)})
     assert states[f"{array}_2"] == "CANCELLED"
     assert all(states[f"{array}_{i}"] == "COMPLETED" for i in (0, 1, 3)), states
     before = manifest_inputs(out)
@@ -74,7 +74,7 @@ def test_cancelled_task_resubmitted_alone_redoes_only_its_part(slurm_cluster, tm
         "make the units slower (bigger images)")
 
     rerun = sbatch(["--array=2", "--export=ALL,SEG_NUM_PARTS=4", "--cpus-per-task=1", PREDICT, *args], tmp_path, env)
-    assert wait_job(rerun, env, timeout=240) == {f"{rerun}_2": "COMPLETED"}
+    assert wait_job(rerun, env, timeout=240, expect={f"{rerun}_2"}) == {f"{rerun}_2": "COMPLETED"}
     after = manifest_inputs(out)
     new = after[len(before):]
     assert after[:len(before)] == before
