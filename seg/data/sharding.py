@@ -190,6 +190,44 @@ class ShardSeries:
         self._writer = self._file = None
 
 
+class ShardRun:
+    """The shard series of one `seg prepare` run, one per split, written as a unit.
+
+    ``with ShardRun(out, names, ...) as run:`` hands out ``run.series[split]``; a normal exit
+    closes every series into ``run.splits`` (``{split: {"count", "shards"}}``) and, with
+    ``strict``, raises for any problem; an exception removes the open shards' temporaries and,
+    with ``strict``, every shard the run wrote (a strict run leaves nothing).
+    """
+
+    def __init__(self, out: Path, names: tuple[str, ...], shard_size: int, shard_bytes: float, strict: bool,
+                 problems: list):
+        self.out, self.strict, self.problems = Path(out), strict, problems
+        self.series = {n: ShardSeries(self.out, n, shard_size, shard_bytes) for n in names}
+        self.splits: dict[str, dict] = {}
+
+    def __enter__(self) -> "ShardRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.splits = {n: ser.close() for n, ser in self.series.items()}
+                if self.strict and self.problems:
+                    raise PrepareError(_strict_message(self.problems))
+                return
+            except BaseException:
+                self._abort()
+                raise
+        self._abort()
+
+    def _abort(self) -> None:
+        for ser in self.series.values():
+            ser.abort()
+            if self.strict:
+                for shard in ser.shards:
+                    (self.out / shard["name"]).unlink(missing_ok=True)
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PrepareError(f"{out}: exists and is not a folder; pick another --out")
@@ -288,12 +326,11 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
                                       strict=strict, progress=progress, source=_source(images, masks, pairs_csv),
                                       groups=groups)
     names = ("train", "val") if labelled else ("data",)
-    series = {n: ShardSeries(out, n, shard_size, shard_bytes) for n in names}
     sizes, fg, multi = ([], []), [], 0
     written_keys: list[str] = []
     qc_stats: dict[str, list] = {n: [] for n in names}
     s, ss, npix = {n: np.zeros(3) for n in names}, {n: np.zeros(3) for n in names}, dict.fromkeys(names, 0)
-    try:
+    with ShardRun(out, names, shard_size, shard_bytes, strict, problems) as run:
         bar = progress_bar(total=len(pairs), unit="pair", desc="prepare", disable=not progress)
         with bar:
             for r in _results(pairs, val_split, labelled, workers):
@@ -311,23 +348,12 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
                     fg.append(r["meta"]["foreground_fraction"])
                     multi += r["multi_value"]
                     qc_stats[r["split"]].append(r["mask_stats"])
-                series[r["split"]].write(sample)
+                run.series[r["split"]].write(sample)
                 sizes[0].append(r["meta"]["height"])
                 sizes[1].append(r["meta"]["width"])
                 s[r["split"]] += r["sum"]
                 ss[r["split"]] += r["sumsq"]
                 npix[r["split"]] += r["pixels"]
-        splits = {n: series[n].close() for n in names}
-        if strict and problems:
-            raise PrepareError(_strict_message(problems))
-    except BaseException:
-        for ser in series.values():
-            ser.abort()
-            if strict:
-                for shard in ser.shards:
-                    with contextlib.suppress(FileNotFoundError):
-                        (out / shard["name"]).unlink()
-        raise
     stat_split = "data" if not labelled else ("train" if npix["train"] else "val")
     n = max(npix[stat_split], 1)
     mean = s[stat_split] / n
@@ -335,7 +361,7 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
     info = {"format_version": FORMAT_VERSION, "labelled": labelled,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": _source(images, masks, pairs_csv),
-            "splits": splits,
+            "splits": run.splits,
             "image_size": {"height": _stats(sizes[0]), "width": _stats(sizes[1])},
             "channels": {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "scale": "dtype max",
                          "computed_on": stat_split},

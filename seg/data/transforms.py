@@ -29,7 +29,7 @@ Design choices:
   rotation 15 degrees), brightness/contrast +-0.2 and faint Gaussian noise.
 - Randomness: albumentations 2 ``Compose`` owns its random state (global numpy/random seeds
   have no effect). ``SegTransform.reseed(seed)`` resets it; ``augmentation_seed(seed, epoch,
-  rank, worker)`` gives the seed for one DataLoader worker of one rank in one epoch, so the
+  rank, worker)`` gives the random seed for one DataLoader worker of one rank in one epoch, so the
   augmentation stream is a function of (seed, epoch, rank, worker) and never repeats across
   workers (forked workers would otherwise share one state). ``seg.data.shards`` calls it at the
   start of every worker iterator.

@@ -322,7 +322,7 @@ def prepare_volume_dataset(pairs: list[Pair], problems: list[Problem], labelled:
         PrepareError: invalid options, ``ct`` without labelled training volumes, or ``strict``
             with bad pairs (the shards written are removed).
     """
-    from seg.data.sharding import FORMAT_VERSION, PrepareError, ShardSeries, _stats, _strict_message
+    from seg.data.sharding import FORMAT_VERSION, PrepareError, ShardRun, _stats
 
     try:
         check_volume_options(labelled, slice_axis, modality, empty_slice_fraction)
@@ -330,26 +330,15 @@ def prepare_volume_dataset(pairs: list[Pair], problems: list[Problem], labelled:
     except ValueError as exc:
         raise PrepareError(str(exc)) from None
     names = ("train", "val") if labelled else ("data",)
-    series = {n: ShardSeries(out, n, shard_size, shard_bytes) for n in names}
-    try:
+    with ShardRun(out, names, shard_size, shard_bytes, strict, problems) as run:
         normalization = {"modality": "mri", "percentiles": list(V.CLIP_PERCENTILES), "per_volume": True}
         if modality == "ct":
             pairs, normalization = _ct_statistics(pairs, problems, groups, workers, progress)
         opts = VolumeOptions(labelled, V.axis_name(slice_axis), empty_slice_fraction, normalization)
-        seen = _write_volumes(pairs, problems, groups, opts, series, workers, strict, progress)
-        splits = {n: series[n].close() for n in names}
-        if strict and problems:
-            raise PrepareError(_strict_message(problems))
-    except BaseException:
-        for ser in series.values():
-            ser.abort()
-            if strict:
-                for shard in ser.shards:
-                    (out / shard["name"]).unlink(missing_ok=True)
-        raise
+        seen = _write_volumes(pairs, problems, groups, opts, run.series, workers, strict, progress)
     spacing = np.asarray(seen["spacing"], np.float64).reshape(-1, 3)
     info = {"format_version": FORMAT_VERSION, "labelled": labelled, "created": created_now(), "source": source,
-            "splits": splits,
+            "splits": run.splits,
             "image_size": {"height": _stats(seen["heights"]), "width": _stats(seen["widths"])},
             "channels": {"mean": [0.0], "std": [1.0], "scale": "volume normalization", "computed_on": None},
             "foreground_fraction": _stats(seen["fractions"]) if labelled else None,

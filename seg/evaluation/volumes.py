@@ -24,7 +24,6 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -32,19 +31,14 @@ import numpy as np
 
 from seg.data import volumes as V
 from seg.data.pairing import list_images, sample_key
-from seg.evaluation.pairing import NAMING_RULE, PREDICTOR_BY_PRODUCTS, listing, strip_mask_suffix
+from seg.evaluation.pairing import NAMING_RULE, PREDICTOR_BY_PRODUCTS, MaskPair, listing, strip_mask_suffix
 from seg.evaluation.sources import Scorable, prefetch
 from seg.evaluation.surface import DEFAULT_TOLERANCE_MM, summarize_volumes, volume_metrics
 
 SLICE_AXIS = "axial"
 
 
-@dataclass(frozen=True)
-class VolumePair:
-    key: str
-    pred: Path
-    truth: Path
-    image: Path | None = None
+VolumePair = MaskPair  # a predicted mask volume, its truth and optional image volume
 
 
 def holds_volumes(folder) -> bool:

@@ -7,7 +7,7 @@
 2. Predict a labelled test set (``seg predict`` with QC, then ``--summarize``): 360 images from
    the training distribution plus 40 shifted ones (object size x0.3-2.2 and contrast x0.15-1,
    drawn per image, ``seg demo-data --size_scale --contrast``), all generated from
-   ``--test_seed``; the set is fixed by the seed before anything is measured.
+   ``--test_seed``; the set is fixed by that random seed before anything is measured.
 3. ``seg evaluate --pred_dir --gt_dir``: the ``qc`` key of evaluation_report.json (AUROC of
    qc_score for Dice < 0.8 and < 0.5, Spearman with Dice, share of the failures among the lowest
    5 % and 10 %) and report.html.
