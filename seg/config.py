@@ -61,7 +61,17 @@ class DataConfig:
     for microscopy and other images much larger than the network input)."""
 
     augment: bool = True
-    """Flips, 90-degree rotations, affine, brightness/contrast and noise on training images."""
+    """Augment training images (flips, 90-degree rotations, affine, intensity); see ``augmentation``."""
+
+    augmentation: str = "standard"
+    """With augment on: 'standard' (scale 0.9-1.1, rotation 15 degrees, brightness/contrast 0.2)
+    or 'strong' (scale 0.7-1.4, rotation 30 degrees, gamma 0.7-1.5, brightness/contrast 0.3,
+    blur): robustness to structures smaller or larger and to contrast unlike the training set."""
+
+    foreground_crop: float = 0.0
+    """sampling='patch' only: probability that a training crop is placed to contain foreground
+    (where the image has any); the rest are uniform random crops. For sparse small structures in
+    large images, where uniform crops are mostly background."""
 
     num_workers: int = 2
     """DataLoader worker processes per rank; shards are split over ranks x workers."""
@@ -82,6 +92,9 @@ class DataConfig:
         _choice("data", "in_channels", self.in_channels, (1, 3))
         _choice("data", "normalization", self.normalization, ("dataset", "imagenet", "none"))
         _choice("data", "sampling", self.sampling, ("resize", "patch"))
+        _choice("data", "augmentation", self.augmentation, ("standard", "strong"))
+        if not 0.0 <= self.foreground_crop <= 1.0:
+            raise ValueError(f"data.foreground_crop={self.foreground_crop!r} is not valid; it must be in [0, 1]")
         _positive("data", "num_workers", self.num_workers, allow_zero=True)
         _positive("data", "shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         if not 0.0 <= self.val_split < 1.0:
@@ -96,8 +109,13 @@ class ModelConfig:
     bilinear: bool = False
     """Bilinear upsampling instead of transposed convolutions (17.3M parameters at width 64)."""
 
+    norm: str = "batch"
+    """Normalisation after each convolution: 'batch' (BatchNorm), 'group' (GroupNorm, 8 groups) or
+    'instance' (InstanceNorm). Group/instance use the same statistics in training and evaluation."""
+
     def __post_init__(self) -> None:
         _positive("model", "base_channels", self.base_channels)
+        _choice("model", "norm", self.norm, ("batch", "group", "instance"))
 
 
 @dataclass
@@ -109,10 +127,14 @@ class TrainConfig:
     """Images per step on each rank (global batch = batch_size x world size x grad_accum)."""
 
     lr: float = 1e-3
-    """Adam learning rate."""
+    """Peak learning rate (after warm-up)."""
+
+    optimizer: str = "adam"
+    """'adam' (weight decay as L2 in the gradient), 'adamw' (decoupled weight decay) or 'sgd'
+    (momentum 0.9, Nesterov)."""
 
     weight_decay: float = 1e-5
-    """Adam weight decay (L2)."""
+    """Weight decay: L2 for 'adam' and 'sgd', decoupled for 'adamw'."""
 
     loss: str = "combined"
     """'bce', 'dice' or 'combined' (bce_weight * BCE + dice_weight * soft Dice)."""
@@ -130,6 +152,16 @@ class TrainConfig:
 
     scheduler_patience: int = 5
     """Epochs without val Dice improvement before 'plateau' lowers the lr."""
+
+    warmup_epochs: float = 0.0
+    """Linear learning-rate warm-up from 0 over this many epochs (stepped per optimizer step);
+    with 'cosine' and 'poly' the decay then runs per step over the remaining steps. Not with
+    'plateau'."""
+
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (0 turns it off): validation, best/final model
+    files and early stopping use the averaged weights; the raw weights are validated too and both
+    curves go to history.csv. Per-step decay, ramped up over the first steps as (1+n)/(10+n)."""
 
     early_stopping: int = 15
     """Stop after this many epochs without val Dice improvement; 0 turns it off."""
@@ -178,6 +210,14 @@ class TrainConfig:
             _positive("train", name, getattr(self, name), allow_zero=True)
         _choice("train", "loss", self.loss, ("bce", "dice", "combined"))
         _choice("train", "scheduler", self.scheduler, ("none", "plateau", "cosine", "poly"))
+        _choice("train", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        _positive("train", "warmup_epochs", self.warmup_epochs, allow_zero=True)
+        if self.warmup_epochs > 0 and self.scheduler == "plateau":
+            raise ValueError(f"train.warmup_epochs={self.warmup_epochs!r} needs train.scheduler none, cosine or poly "
+                             "(plateau lowers the lr on validation Dice, per epoch); set train.warmup_epochs=0 "
+                             "or pick another scheduler")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay={self.ema_decay!r} is not valid; it must be in [0, 1) (0 = off)")
         _choice("train", "mixed_precision", self.mixed_precision, ("auto", "bf16", "fp16", "no"))
         _choice("train", "log_with", self.log_with, ("none", "tensorboard"))
         if not 0.0 < self.threshold < 1.0:

@@ -11,6 +11,9 @@ Design choices:
   reduced once. ``val_loss`` is the mean of the per-image losses over unique keys. All ranks
   end with the same report, so early stopping and the lr schedule agree without a broadcast.
 - Rank 0 also returns a few samples (normalised image, mask, probability) for the plot.
+- ``validate_models`` scores several models (the raw weights and their moving average) in one
+  pass over the loader: the batches are read and transformed once, and a streaming loader
+  cannot be replayed anyway.
 """
 
 from __future__ import annotations
@@ -27,24 +30,29 @@ def score_batches(model, loader, loss_fn, accelerator, threshold: float, channel
                   keep_samples: int = 0) -> tuple[list[tuple[str, list[int], float]], list[dict]]:
     """This rank's per-image records ``(key, [tp, fp, fn, tn], loss)`` and up to ``keep_samples`` samples.
 
+    ``model`` may be a list of models: then a list of ``(records, samples)``, one per model,
+    from one pass over the loader.
+
     Shape:
         the loader yields ``(float32 (B, C, H, W), float32 (B, 1, H, W), keys)``.
     """
-    records, samples = [], []
+    models = model if isinstance(model, (list, tuple)) else [model]
+    out = [([], []) for _ in models]
     for images, masks, keys in loader:
         images = to_device(images, accelerator.device, channels_last)
         masks = masks.to(accelerator.device, non_blocking=True)
-        with accelerator.autocast():
-            logits = model(images)
-        logits = logits.float()
-        prob = torch.sigmoid(logits)
-        counts = confusion_counts(prob, masks, threshold)
-        losses = [float(loss_fn(logits[i:i + 1], masks[i:i + 1])) for i in range(len(keys))]
-        records.extend((str(k), c.tolist(), l) for k, c, l in zip(keys, counts, losses))
-        for i in range(min(len(keys), keep_samples - len(samples))):
-            samples.append({"key": str(keys[i]), "image": images[i].float().cpu().numpy(),
-                            "mask": masks[i, 0].cpu().numpy(), "prob": prob[i, 0].cpu().numpy()})
-    return records, samples
+        for m, (records, samples) in zip(models, out):
+            with accelerator.autocast():
+                logits = m(images)
+            logits = logits.float()
+            prob = torch.sigmoid(logits)
+            counts = confusion_counts(prob, masks, threshold)
+            losses = [float(loss_fn(logits[i:i + 1], masks[i:i + 1])) for i in range(len(keys))]
+            records.extend((str(k), c.tolist(), l) for k, c, l in zip(keys, counts, losses))
+            for i in range(min(len(keys), keep_samples - len(samples))):
+                samples.append({"key": str(keys[i]), "image": images[i].float().cpu().numpy(),
+                                "mask": masks[i, 0].cpu().numpy(), "prob": prob[i, 0].cpu().numpy()})
+    return out if isinstance(model, (list, tuple)) else out[0]
 
 
 def merge_records(all_records: list[tuple[str, list[int], float]], threshold: float) -> tuple[dict, float]:
@@ -72,22 +80,35 @@ def validate(model, loader, loss_fn, accelerator, threshold: float, channels_las
     Returns:
         ``(report, val_loss, samples)``: report as ``MetricAccumulator.summary()``.
     """
+    return validate_models([model], loader, loss_fn, accelerator, threshold, channels_last, expected,
+                           keep_samples)[0]
+
+
+def validate_models(models: list, loader, loss_fn, accelerator, threshold: float, channels_last: bool,
+                    expected: int | None = None, keep_samples: int = 0) -> list[tuple[dict, float, list[dict]]]:
+    """``validate`` for several models in one pass over ``loader``: one ``(report, val_loss, samples)`` each."""
     from accelerate.utils import gather_object
 
-    inner = accelerator.unwrap_model(model)
-    was_training = inner.training
-    inner.eval()
+    inners = [accelerator.unwrap_model(m) for m in models]
+    was_training = [m.training for m in inners]
+    for m in inners:
+        m.eval()
     try:
-        records, samples = score_batches(inner, loader, loss_fn, accelerator, threshold, channels_last,
-                                         keep_samples if accelerator.is_main_process else 0)
+        scored = score_batches(inners, loader, loss_fn, accelerator, threshold, channels_last,
+                               keep_samples if accelerator.is_main_process else 0)
     finally:
-        inner.train(was_training)
-    gathered = gather_object(records) if accelerator.num_processes > 1 else records
-    report, val_loss = merge_records(gathered, threshold)
-    if expected is not None and report["n_images"] != expected:
-        raise RuntimeError(f"validation scored {report['n_images']} unique images but dataset.json lists {expected} "
-                           f"(duplicate sample keys in the val shards, or shards changed since `seg prepare`)")
-    return report, val_loss, samples
+        for m, mode in zip(inners, was_training):
+            m.train(mode)
+    results = []
+    for records, samples in scored:
+        gathered = gather_object(records) if accelerator.num_processes > 1 else records
+        report, val_loss = merge_records(gathered, threshold)
+        if expected is not None and report["n_images"] != expected:
+            raise RuntimeError(f"validation scored {report['n_images']} unique images but dataset.json lists "
+                               f"{expected} (duplicate sample keys in the val shards, or shards changed since "
+                               "`seg prepare`)")
+        results.append((report, val_loss, samples))
+    return results
 
 
 def run_validation(cfg, model_path: str) -> dict:

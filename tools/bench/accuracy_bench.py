@@ -1,0 +1,243 @@
+"""Accuracy on real images: training recipes side by side at the same wall-clock budget.
+
+    nice -n 5 python tools/bench/accuracy_bench.py --work runs/accuracy --budget_s 300 \\
+        --json runs/accuracy/result.json --markdown runs/accuracy/table.md
+
+Tasks (``accuracy_data.py``): grey / white matter on axial slices of the MNI ICBM152 T1
+template (train the lower slices, validate the middle, test the upper ones, where the
+structures shrink) and fluorescence nuclei (tiles split by region). Recipes:
+
+- ``reference``: ``reference_train.py`` (Pytorch-UNet's recipe: RMSprop 1e-5, no augmentation,
+  fp32, batch 4; the epoch with the best validation Dice is kept, as for ``seg train``).
+- ``seg_before``: ``seg train`` with the defaults it had before the recipe work (Adam 1e-3,
+  plateau schedule, BatchNorm, moderate augmentation, no EMA), given as dotted overrides
+  (``BEFORE``): the old behaviour stays reachable by config.
+- ``seg_new``: ``seg train`` with the code defaults.
+- ``--variant NAME='train.x=1 model.y=2'``: more ``seg train`` recipes (dotted overrides on
+  the code defaults), for screening.
+
+Every run gets the same network (U-Net width ``--width``, ``--size`` px input) and the same
+budget: a short calibration run of each recipe on each task (run one after another, so they see
+the same machine load) measures seconds per epoch and start-up; each recipe then gets the
+number of epochs that fits ``--budget_s`` (so schedules know their length). The wall-clock a
+run actually took is reported next to the budget, with the machine's load average. Every
+process runs with ``OMP_WAIT_POLICY=PASSIVE``: on a shared 2-core machine, spinning OpenMP
+threads made a reference training step 4-6x slower in wall-clock under other jobs' load
+(10 steps: 85-159 s against 17-26 s passive, 3.8 s on an idle machine), which would turn the
+budget into a measure of the neighbours. The kept model predicts the test images with
+``seg predict --precision fp32`` (the recipe's weights are compared, not inference precision)
+and ``seg evaluate --pred_dir --gt_dir`` scores them. Per run: per-image mean Dice, pooled
+Dice, the worst image's Dice, test images whose truth has foreground but whose prediction is
+empty, and the largest drop of validation Dice below its running best after the first 20 % of
+epochs (on the curve that selects the model). Finished runs are kept (``result.json`` in the
+run folder) and not redone: rerun the same command after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from accuracy_data import TASKS, write_task  # noqa: E402
+
+# seg train's defaults before the recipe work, as overrides (reachable by config ever since)
+BEFORE = ["train.lr=1e-3", "train.weight_decay=1e-5", "train.scheduler=plateau", "train.early_stopping=15"]
+SEG_BIN = [sys.executable, "-m", "seg"]
+
+
+def _run(cmd: list[str], log: Path, timeout: float | None = None) -> float:
+    """Run a command with its output in ``log``; returns its wall-clock seconds."""
+    start = time.perf_counter()
+    with log.open("a") as fh:
+        fh.write(f"$ {shlex.join(cmd)}\n")
+        fh.flush()
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed with exit code {proc.returncode}; see {log}")
+    return time.perf_counter() - start
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with path.open() as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+class Recipe:
+    """How to train one recipe: ``train(task_dir, run_dir, epochs, seed, log)`` -> history rows."""
+
+    def __init__(self, name: str, overrides: list[str] | None, args):
+        self.name, self.overrides, self.args = name, overrides, args  # overrides None: the reference
+
+    def train(self, task_dir: Path, run_dir: Path, epochs: int, seed: int, log: Path) -> float:
+        a = self.args
+        if self.overrides is None:
+            cmd = [sys.executable, str(HERE / "reference_train.py"), "--images", str(task_dir / "trainval/images"),
+                   "--masks", str(task_dir / "trainval/masks"), "--val_list", str(task_dir / "val_list.txt"),
+                   "--out", str(run_dir), "--epochs", str(epochs), "--batch_size", "4", "--size", str(a.size),
+                   "--width", str(a.width), "--seed", str(seed), "--interpolation", "linear", "--no-epoch_checkpoints"]
+        else:
+            cmd = [*SEG_BIN, "train", "--data_dir", str(task_dir / "shards"), "--checkpoint_dir", str(run_dir),
+                   "--epochs", str(epochs), "--image_size", str(a.size), f"model.base_channels={a.width}",
+                   f"train.seed={seed}", "train.resume=false", "train.save_every=0", *self.overrides]
+        return _run(cmd, log)
+
+
+def _calibrate(recipe: Recipe, task_dir: Path, work: Path, epochs: int) -> dict:
+    """Seconds per epoch and fixed start-up/end cost of a short run.
+
+    The fastest epoch is taken: other jobs on a shared machine only ever slow an epoch down, so
+    the minimum is the best estimate of the recipe's own speed (the wall-clock of the real runs
+    is reported next to the budget).
+    """
+    run_dir = work / "calibration" / f"{task_dir.name}-{recipe.name}"
+    path = run_dir / "calibration.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wall = recipe.train(task_dir, run_dir, epochs, 0, run_dir / "log.txt")
+    rows = _read_csv(run_dir / "history.csv")
+    per_epoch = min(r["seconds"] for r in rows)
+    fixed = max(0.0, wall - sum(r["seconds"] for r in rows))
+    cal = {"per_epoch_s": per_epoch, "fixed_s": fixed, "wall_s": wall, "epochs": epochs,
+           "load_avg": os.getloadavg()[0]}
+    path.write_text(json.dumps(cal))
+    return cal
+
+
+def max_drop(dice: list[float], skip_fraction: float = 0.2) -> float:
+    """Largest (running best - value) over the epochs after the first ``skip_fraction`` of them."""
+    start = math.ceil(skip_fraction * len(dice))
+    best, drop = -math.inf, 0.0
+    for i, d in enumerate(dice):
+        best = max(best, d)
+        if i >= start:
+            drop = max(drop, best - d)
+    return drop
+
+
+def _score(run_dir: Path, task_dir: Path, log: Path) -> dict:
+    pred, ev = run_dir / "test_pred", run_dir / "test_eval"
+    _run([*SEG_BIN, "predict", "--model_path", str(run_dir / "best_model.pth"), "--image_dir",
+          str(task_dir / "test/images"), "--output_dir", str(pred), "--precision", "fp32", "--no_progress",
+          "--overwrite"], log)
+    _run([*SEG_BIN, "evaluate", "--pred_dir", str(pred), "--gt_dir", str(task_dir / "test/masks"),
+          "--output_dir", str(ev), "--no_progress"], log)
+    report = json.loads((ev / "evaluation_report.json").read_text())
+    per = report["per_image"]
+    empty = [p["id"] for p in per if p["tp"] + p["fn"] > 0 and p["tp"] + p["fp"] == 0]
+    worst = min(per, key=lambda p: p["dice"])
+    return {"mean_dice": report["mean"]["dice"], "pooled_dice": report["global"]["dice"],
+            "worst_dice": worst["dice"], "worst_id": worst["id"], "empty_on_foreground": len(empty),
+            "empty_ids": empty, "n_test": report["n_images"],
+            "n_test_foreground": sum(1 for p in per if p["tp"] + p["fn"] > 0)}
+
+
+def run_one(recipe: Recipe, task_dir: Path, work: Path, epochs: int, seed: int) -> dict:
+    run_dir = work / "runs" / f"{task_dir.name}-{recipe.name}-seed{seed}"
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "log.txt"
+    log.write_text("")
+    load_before = os.getloadavg()[0]
+    wall = recipe.train(task_dir, run_dir, epochs, seed, log)
+    load = (load_before + os.getloadavg()[0]) / 2
+    rows = _read_csv(run_dir / "history.csv")
+    dice = [r["dice"] for r in rows]
+    result = {"task": task_dir.name, "recipe": recipe.name, "seed": seed, "epochs_planned": epochs,
+              "epochs_run": len(rows), "train_wall_s": round(wall, 1), "load_avg": round(load, 1),
+              "best_val_dice": max(dice),
+              "final_val_dice": dice[-1], "max_val_drop_after_20pct": max_drop(dice),
+              "overrides": recipe.overrides, **_score(run_dir, task_dir, log)}
+    if "raw_dice" in rows[0]:  # the raw (non-EMA) curve of a run that validates the EMA weights
+        result["max_raw_val_drop_after_20pct"] = max_drop([r["raw_dice"] for r in rows])
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def markdown(results: list[dict], budget: float, command: str) -> str:
+    lines = [f"Budget {budget:.0f} s of training per run (epochs from a calibration run of each recipe); "
+             f"command: `{command}`", "",
+             "| task | recipe | seed | epochs | train wall s | per-image mean Dice | pooled Dice | worst image | "
+             "empty on foreground | max val drop after 20 % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['task']} | {r['recipe']} | {r['seed']} | {r['epochs_run']}/{r['epochs_planned']} | "
+                     f"{r['train_wall_s']:.0f} | {r['mean_dice']:.4f} | {r['pooled_dice']:.4f} | "
+                     f"{r['worst_dice']:.4f} | {r['empty_on_foreground']}/{r['n_test_foreground']} | "
+                     f"{r['max_val_drop_after_20pct']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("runs/accuracy"), help="data, runs and logs go here")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--recipes", nargs="+", default=["reference", "seg_before", "seg_new"],
+                    help="reference, seg_before, seg_new and names given by --variant")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                    help="an extra seg train recipe: name and space-separated dotted overrides")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every recipe but seg_new")
+    ap.add_argument("--new_seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of seg_new")
+    ap.add_argument("--budget_s", type=float, default=300.0, help="training wall-clock per run")
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--json", type=Path, help="write every result here")
+    ap.add_argument("--markdown", type=Path, help="write the table here")
+    args = ap.parse_args()
+    work = args.work.resolve()
+    recipes = {"reference": Recipe("reference", None, args), "seg_before": Recipe("seg_before", BEFORE, args),
+               "seg_new": Recipe("seg_new", [], args)}
+    for text in args.variant:
+        name, _, overrides = text.partition("=")
+        recipes[name] = Recipe(name, overrides.split(), args)
+    unknown = [r for r in args.recipes if r not in recipes]
+    if unknown:
+        ap.error(f"unknown recipes {unknown}; give them with --variant NAME='overrides'")
+    results = []
+    for task in args.tasks:
+        task_dir = work / "tasks" / task
+        counts = write_task(task, work / "tasks")
+        if not (task_dir / "shards" / "dataset.json").is_file():
+            _run([*SEG_BIN, "prepare", "--pairs", str(task_dir / "pairs.csv"), "--out", str(task_dir / "shards"),
+                  "--shard_size", "8", "--workers", "1", "--no_progress", "--overwrite"], work / "prepare.log")
+        print(f"[{task}] {counts}", flush=True)
+        plans = {}
+        for name in args.recipes:  # calibrations back to back: the same machine load for each recipe
+            cal = _calibrate(recipes[name], task_dir, work, 3)
+            plans[name] = max(2, int((args.budget_s - cal["fixed_s"]) / cal["per_epoch_s"]))
+            print(f"[{task}] {name}: {cal['per_epoch_s']:.1f} s/epoch + {cal['fixed_s']:.1f} s fixed "
+                  f"-> {plans[name]} epochs", flush=True)
+        for name in args.recipes:
+            for seed in (args.new_seeds if name == "seg_new" else args.seeds):
+                r = run_one(recipes[name], task_dir, work, plans[name], seed)
+                results.append(r)
+                print(f"[{task}] {name} seed {seed}: mean Dice {r['mean_dice']:.4f}, pooled {r['pooled_dice']:.4f}, "
+                      f"worst {r['worst_dice']:.4f}, empty {r['empty_on_foreground']}/{r['n_test_foreground']}, "
+                      f"drop {r['max_val_drop_after_20pct']:.3f}, {r['epochs_run']} epochs in {r['train_wall_s']:.0f} s",
+                      flush=True)
+    command = "python " + shlex.join(["tools/bench/accuracy_bench.py", *sys.argv[1:]])
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "budget_s": args.budget_s, "width": args.width,
+                                         "size": args.size, "results": results}, indent=1))
+    table = markdown(results, args.budget_s, command)
+    if args.markdown:
+        args.markdown.write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
