@@ -31,8 +31,9 @@ from seg.fileio import atomic_write_text
 from seg.metrics import METRIC_NAMES
 
 HISTORY_FILE = "history.csv"
+RAW_COLUMNS = ("raw_dice", "raw_mean_dice", "raw_val_loss")  # filled when a weight average is validated
 COLUMNS = ("epoch", "train_loss", "val_loss", *METRIC_NAMES, "mean_dice", "lr", "seconds", "images_per_s",
-           "train_seconds", "data_seconds", "raw_dice", "raw_mean_dice", "raw_val_loss")
+           "train_seconds", "data_seconds", *RAW_COLUMNS)
 DROP_WARNING = 0.1  # validation Dice this far below its running best after the warm-up is reported
 SETTLING_FRACTION = 0.2  # the first epochs not checked for drops, unless the warm-up is longer
 
