@@ -15,9 +15,11 @@ Design choices:
 - ``tune_postprocessing`` tries every combination of threshold, hole filling, minimum size and
   largest-K on validation probabilities and returns the one with the best Dice (per-image mean
   by default, pooled on request). It is fast because the work per (image, threshold, fill)
-  is one connected-component pass: each component's area and overlap with the truth are
-  computed once, and every (min_size, keep_largest) choice is then a selection of components
-  whose Dice is a sum. A candidate replaces the current best only when it is better by more
+  is one connected-component pass (``image_stats``): each component's area and overlap with
+  the truth are computed once, and every (min_size, keep_largest) choice is then a selection
+  of components whose Dice is a sum (``choose_postprocessing``). The per-image stats are a few
+  numbers per component, so a distributed evaluation can compute them on each rank and gather
+  those instead of probability maps. A candidate replaces the current best only when it is better by more
   than ``min_gain``, and candidates are tried simplest first (the identity at the default
   threshold first), so noise on a small validation set does not buy complexity.
 
@@ -125,16 +127,34 @@ def _dice(tp: float, pred: float, truth: float) -> float:
     return 1.0 if pred + truth == 0 else 2.0 * tp / (pred + truth)
 
 
-def tune_postprocessing(probs: list[np.ndarray], truths: list[np.ndarray], thresholds=THRESHOLDS,
-                        min_sizes=MIN_SIZES, keep_largest=KEEP_LARGEST, fill=(False, True),
-                        objective: str = "mean", default_threshold: float = 0.5,
-                        min_gain: float = 1e-3) -> dict:
-    """Choose the threshold and ``PostProcess`` that maximise validation Dice.
+def image_stats(prob: np.ndarray, truth: np.ndarray, thresholds=THRESHOLDS, fill=(False, True)) -> dict:
+    """What tuning needs of one image: per (threshold, fill) the component areas and their
+    overlaps with the truth, and the truth's area. Small (a few numbers per component), so
+    ranks can compute them on their share of the images and gather only these.
+
+    Returns:
+        ``{(threshold, fill): (areas int64 (n,), overlaps int64 (n,)), "truth": int}``
+    """
+    truth = np.asarray(truth, dtype=bool)
+    out: dict = {"truth": int(truth.sum())}
+    for thr in thresholds:
+        for filled in set(fill):
+            mask = np.asarray(prob) > thr
+            if filled:
+                mask = fill_holes(mask)
+            labels, areas = _components(mask)
+            out[(float(thr), bool(filled))] = (areas, np.bincount(labels[truth], minlength=len(areas) + 1)[1:])
+    return out
+
+
+def choose_postprocessing(stats: list[dict], thresholds=THRESHOLDS, min_sizes=MIN_SIZES,
+                          keep_largest=KEEP_LARGEST, fill=(False, True), objective: str = "mean",
+                          default_threshold: float = 0.5, min_gain: float = 1e-3) -> dict:
+    """The best threshold and ``PostProcess`` from ``image_stats`` of every validation image.
 
     Args:
-        probs: foreground probabilities per validation image, ``float (H, W)``.
-        truths: the matching truth masks, ``bool (H, W)``.
-        thresholds, min_sizes, keep_largest, fill: the candidate values.
+        stats: ``image_stats`` per image, computed with these ``thresholds`` (and
+            ``default_threshold``) and ``fill``.
         objective: 'mean' (per-image mean Dice) or 'global' (Dice of all pixels pooled).
         default_threshold: the model's threshold: the identity at it is the first candidate.
         min_gain: a candidate must beat the best so far by more than this.
@@ -144,31 +164,43 @@ def tune_postprocessing(probs: list[np.ndarray], truths: list[np.ndarray], thres
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not valid; valid options are {', '.join(OBJECTIVES)}")
-    if len(probs) != len(truths) or not probs:
-        raise ValueError(f"need the same number (> 0) of probability maps and truths, got {len(probs)} and {len(truths)}")
-    truths = [np.asarray(t, dtype=bool) for t in truths]
-    thresholds = sorted(set(thresholds) | {default_threshold}, key=lambda t: (t != default_threshold, abs(t - default_threshold)))
-    best = None
-    baseline = None
-    for thr in thresholds:
+    if not stats:
+        raise ValueError("no validation images to choose the post-processing on")
+    order = sorted(set(map(float, thresholds)) | {float(default_threshold)},
+                   key=lambda t: (t != default_threshold, abs(t - default_threshold)))
+    best, baseline = None, None
+    for thr in order:
         for filled in sorted(set(fill)):
-            stats = []  # per image: (areas, overlaps, truth area)
-            for p, t in zip(probs, truths):
-                mask = np.asarray(p) > thr
-                if filled:
-                    mask = fill_holes(mask)
-                labels, areas = _components(mask)
-                overlaps = np.bincount(labels[t], minlength=len(areas) + 1)[1:]
-                stats.append((areas, overlaps, int(t.sum())))
-            # simplest first: no removal, then growing min_size, then fewer components kept
+            per_image = [(s[(thr, bool(filled))][0], s[(thr, bool(filled))][1], s["truth"]) for s in stats]
             for k, m in sorted(itertools.product(keep_largest, min_sizes), key=_simplest_first):
-                score = _score(stats, m, k, objective)
+                score = _score(per_image, m, k, objective)
                 pp = PostProcess(bool(filled), int(m), int(k))
                 if baseline is None and pp.is_identity and thr == default_threshold:
                     baseline = score
                 if best is None or score > best["dice"] + min_gain:
-                    best = {"threshold": float(thr), "postprocess": pp, "dice": score}
-    return {**best, "baseline_dice": baseline, "objective": objective, "n_images": len(probs)}
+                    best = {"threshold": thr, "postprocess": pp, "dice": score}
+    return {**best, "baseline_dice": baseline, "objective": objective, "n_images": len(stats)}
+
+
+def tune_postprocessing(probs: list[np.ndarray], truths: list[np.ndarray], thresholds=THRESHOLDS,
+                        min_sizes=MIN_SIZES, keep_largest=KEEP_LARGEST, fill=(False, True),
+                        objective: str = "mean", default_threshold: float = 0.5,
+                        min_gain: float = 1e-3) -> dict:
+    """Choose the threshold and ``PostProcess`` that maximise validation Dice (one process).
+
+    Args:
+        probs: foreground probabilities per validation image, ``float (H, W)``.
+        truths: the matching truth masks, ``bool (H, W)``.
+        thresholds, min_sizes, keep_largest, fill: the candidate values.
+        objective, default_threshold, min_gain: as ``choose_postprocessing``.
+    Returns:
+        ``choose_postprocessing``'s result.
+    """
+    if len(probs) != len(truths) or not probs:
+        raise ValueError(f"need the same number (> 0) of probability maps and truths, got {len(probs)} and {len(truths)}")
+    grid = sorted(set(map(float, thresholds)) | {float(default_threshold)})
+    stats = [image_stats(p, t, grid, fill) for p, t in zip(probs, truths)]
+    return choose_postprocessing(stats, grid, min_sizes, keep_largest, fill, objective, default_threshold, min_gain)
 
 
 def _simplest_first(km: tuple[int, int]) -> tuple:

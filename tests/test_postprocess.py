@@ -91,3 +91,14 @@ def test_tuning_threshold_and_global_objective():
     assert result["baseline_dice"] == 0.0 and result["threshold"] < 0.4 and result["dice"] == 1.0
     with pytest.raises(ValueError, match="objective='median'"):
         tune_postprocessing([prob], [truth], objective="median")
+
+
+def test_stats_per_rank_then_choice_equals_the_one_process_tuning():
+    rng = np.random.default_rng(3)
+    truths = [_mask(24, 24, [(4, 4, 14, 14)]) for _ in range(4)]
+    probs = [np.clip(np.where(t, 0.7, 0.2) + rng.normal(0, 0.2, t.shape), 0, 1) for t in truths]
+    from seg.postprocess import THRESHOLDS, choose_postprocessing, image_stats
+
+    stats = [image_stats(p, t) for p, t in zip(probs, truths)]  # e.g. two ranks, two images each, gathered
+    assert choose_postprocessing(stats[:2] + stats[2:]) == tune_postprocessing(probs, truths)
+    assert set(stats[0]) == {"truth"} | {(float(t), f) for t in THRESHOLDS for f in (False, True)}
