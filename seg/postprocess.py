@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.3, 0.71, 0.05))
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.05))
 MIN_SIZES = (0, 8, 16, 32, 64, 128, 256, 512)
 KEEP_LARGEST = (0, 1, 2, 3)
 OBJECTIVES = ("mean", "global")

@@ -138,7 +138,7 @@ def _score(run_dir: Path, task_dir: Path, log: Path) -> dict:
     pred, ev = run_dir / "test_pred", run_dir / "test_eval"
     _run([*SEG_BIN, "predict", "--model_path", str(run_dir / "best_model.pth"), "--image_dir",
           str(task_dir / "test/images"), "--output_dir", str(pred), "--precision", "fp32", "--no_progress",
-          "--overwrite"], log)
+          "--overwrite", "--save_probability"], log)
     _run([*SEG_BIN, "evaluate", "--pred_dir", str(pred), "--gt_dir", str(task_dir / "test/masks"),
           "--output_dir", str(ev), "--no_progress"], log)
     report = json.loads((ev / "evaluation_report.json").read_text())
@@ -149,6 +149,50 @@ def _score(run_dir: Path, task_dir: Path, log: Path) -> dict:
             "worst_dice": worst["dice"], "worst_id": worst["id"], "empty_on_foreground": len(empty),
             "empty_ids": empty, "n_test": report["n_images"],
             "n_test_foreground": sum(1 for p in per if p["tp"] + p["fn"] > 0)}
+
+
+def _read_prob(path: Path):
+    import cv2
+
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype("float32") / 65535.0
+
+
+def _read_truth(path: Path):
+    import cv2
+
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED) > 0
+
+
+def _postprocessed(run_dir: Path, task_dir: Path, log: Path) -> dict:
+    """Post-processing and threshold chosen on the validation images (``seg.postprocess``),
+    applied to the test probabilities: what ``seg evaluate --tune_postprocessing`` would buy."""
+    import numpy as np
+
+    from seg.postprocess import tune_postprocessing
+
+    names = (task_dir / "val_list.txt").read_text().split()
+    listing = run_dir / "val_paths.txt"
+    listing.write_text("".join(f"{task_dir / 'trainval/images' / n}.png\n" for n in names))
+    val_pred = run_dir / "val_pred"
+    _run([*SEG_BIN, "predict", "--model_path", str(run_dir / "best_model.pth"), "--list", str(listing),
+          "--output_dir", str(val_pred), "--precision", "fp32", "--no_progress", "--overwrite",
+          "--save_probability"], log)
+    tuned = tune_postprocessing([_read_prob(val_pred / f"{n}_prob.png") for n in names],
+                                [_read_truth(task_dir / "trainval/masks" / f"{n}_mask.png") for n in names])
+    dice, counts = [], []
+    for truth_path in sorted((task_dir / "test/masks").glob("*_mask.png")):
+        name = truth_path.name[: -len("_mask.png")]
+        truth = _read_truth(truth_path)
+        pred = tuned["postprocess"].apply(_read_prob(run_dir / "test_pred" / f"{name}_prob.png") > tuned["threshold"])
+        tp, fp, fn = int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
+        counts.append((tp, fp, fn))
+        dice.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+    tp, fp, fn = np.sum(counts, axis=0)
+    return {"pp": {"threshold": tuned["threshold"], **tuned["postprocess"].to_dict(), "val_dice": tuned["dice"],
+                   "val_baseline": tuned["baseline_dice"]},
+            "pp_mean_dice": float(np.mean(dice)), "pp_pooled_dice": float(2 * tp / (2 * tp + fp + fn)),
+            "pp_worst_dice": float(min(dice)),
+            "pp_empty_on_foreground": sum(1 for a, b, c in counts if a + c > 0 and a + b == 0)}
 
 
 def run_one(recipe: Recipe, task_dir: Path, work: Path, epochs: int, seed: int) -> dict:
@@ -169,7 +213,7 @@ def run_one(recipe: Recipe, task_dir: Path, work: Path, epochs: int, seed: int) 
               "load_avg": round(load, 1),
               "best_val_dice": max(dice),
               "final_val_dice": dice[-1], "max_val_drop_after_20pct": max_drop(dice),
-              "overrides": recipe.overrides, **_score(run_dir, task_dir, log)}
+              "overrides": recipe.overrides, **_score(run_dir, task_dir, log), **_postprocessed(run_dir, task_dir, log)}
     if "raw_dice" in rows[0]:  # the raw (non-EMA) curve of a run that validates the EMA weights
         result["max_raw_val_drop_after_20pct"] = max_drop([r["raw_dice"] for r in rows])
     done.write_text(json.dumps(result, indent=1))
