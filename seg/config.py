@@ -145,6 +145,10 @@ class TrainConfig:
     dice_weight: float = 0.5
     """Weight of soft Dice in the combined loss."""
 
+    dice_reduction: str = "batch"
+    """Soft Dice 'batch' (pooled over the batch) or 'image' (mean over the images with foreground:
+    small structures count as much as large ones)."""
+
     scheduler: str = "plateau"
     """'plateau' (ReduceLROnPlateau on val Dice, halving the lr), 'cosine', 'poly' or 'none'.
     Plateau by default: a constant Adam lr stalls short of the best Dice on real data, and the
@@ -209,6 +213,7 @@ class TrainConfig:
                      "early_stopping", "scheduler_patience", "max_steps_per_epoch"):
             _positive("train", name, getattr(self, name), allow_zero=True)
         _choice("train", "loss", self.loss, ("bce", "dice", "combined"))
+        _choice("train", "dice_reduction", self.dice_reduction, ("batch", "image"))
         _choice("train", "scheduler", self.scheduler, ("none", "plateau", "cosine", "poly"))
         _choice("train", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
         _positive("train", "warmup_epochs", self.warmup_epochs, allow_zero=True)

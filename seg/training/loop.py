@@ -88,7 +88,7 @@ def build_training(cfg: Config, accelerator):
     model = prepare_model(accelerator, model, t.channels_last)
     optimizer = optim.build_optimizer(model, t.lr, t.weight_decay, t.optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return model, optimizer, build_loss(t.loss, t.bce_weight, t.dice_weight)
+    return model, optimizer, build_loss(t.loss, t.bce_weight, t.dice_weight, t.dice_reduction)
 
 
 def _log(accelerator, text: str) -> None:

@@ -136,7 +136,7 @@ def run_validation(cfg, model_path: str) -> dict:
     spec.mean, spec.std = list(p["mean"]), list(p["std"])
     model = prepare_model(accelerator, model, cfg.train.channels_last)
     loader = data.val_loader(cfg, spec, accelerator.process_index, accelerator.num_processes)
-    loss_fn = build_loss(cfg.train.loss, cfg.train.bce_weight, cfg.train.dice_weight)
+    loss_fn = build_loss(cfg.train.loss, cfg.train.bce_weight, cfg.train.dice_weight, cfg.train.dice_reduction)
     report, val_loss, _ = validate(model, loader, loss_fn, accelerator, float(ckpt.get("threshold", 0.5)),
                                    cfg.train.channels_last, expected=spec.n_val)
     report = {**report, "val_loss": val_loss, "model_path": str(model_path)}

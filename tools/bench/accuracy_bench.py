@@ -62,7 +62,7 @@ from seg.training.history import largest_drop  # noqa: E402
 # seg train's defaults before the recipe work, as overrides (reachable by config ever since)
 BEFORE = ["train.lr=1e-3", "train.optimizer=adam", "train.weight_decay=1e-5", "train.scheduler=plateau",
           "train.warmup_epochs=0", "train.ema_decay=0", "model.norm=batch", "data.augmentation=standard",
-          "train.early_stopping=15"]
+          "train.dice_reduction=batch", "train.early_stopping=15"]
 SEG_BIN = [sys.executable, "-m", "seg"]
 
 
