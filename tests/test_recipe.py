@@ -140,3 +140,16 @@ def test_history_row_carries_the_raw_curve():
     row = history.epoch_row(1, 0.1, 0.2, report, 1e-3, 1.0, 8, raw_report=raw)
     assert (row["raw_dice"], row["raw_mean_dice"], row["raw_val_loss"]) == (0.3, 0.2, 0.7)
     assert "raw_dice" not in history.epoch_row(1, 0.1, 0.2, report, 1e-3, 1.0, 8)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.dice_reduction=pixel", "train.dice_reduction='pixel' is not valid; allowed values are 'batch', 'image'"),
+    ("train.optimizer=lamb", "train.optimizer='lamb' is not valid; allowed values are 'adam', 'adamw', 'sgd'"),
+    ("model.norm=layer", "model.norm='layer' is not valid; allowed values are 'batch', 'group', 'instance'"),
+    ("data.augmentation=heavy", "data.augmentation='heavy' is not valid; allowed values are 'standard', 'strong'"),
+    ("data.foreground_crop=2", r"data.foreground_crop=2.0 is not valid; it must be in \[0, 1\]"),
+    ("train.warmup_epochs=-1", "train.warmup_epochs=-1.0 is not valid; it must be >= 0"),
+])
+def test_recipe_fields_are_checked(override, message):
+    with pytest.raises(ValueError, match=message):
+        build_config(overrides=[override])
