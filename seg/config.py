@@ -167,6 +167,10 @@ class TrainConfig:
     files and early stopping use the averaged weights; the raw weights are validated too and both
     curves go to history.csv. Per-step decay, ramped up over the first steps as (1+n)/(10+n)."""
 
+    ema_bn_batches: int = 8
+    """With ema_decay and BatchNorm: training batches over which the average's BatchNorm
+    statistics are recomputed before each validation (0: keep the averaged statistics)."""
+
     early_stopping: int = 15
     """Stop after this many epochs without val Dice improvement; 0 turns it off."""
 
@@ -210,7 +214,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr", "grad_accum"):
             _positive("train", name, getattr(self, name))
         for name in ("weight_decay", "bce_weight", "dice_weight", "grad_clip", "save_every",
-                     "early_stopping", "scheduler_patience", "max_steps_per_epoch"):
+                     "early_stopping", "scheduler_patience", "max_steps_per_epoch", "ema_bn_batches"):
             _positive("train", name, getattr(self, name), allow_zero=True)
         _choice("train", "loss", self.loss, ("bce", "dice", "combined"))
         _choice("train", "dice_reduction", self.dice_reduction, ("batch", "image"))

@@ -153,3 +153,20 @@ def test_history_row_carries_the_raw_curve():
 def test_recipe_fields_are_checked(override, message):
     with pytest.raises(ValueError, match=message):
         build_config(overrides=[override])
+
+
+def test_batchnorm_recalibration_gives_the_average_its_own_statistics():
+    torch.manual_seed(0)
+    model = UNet(1, base_channels=4)
+    ema = ModelEMA(model, 0.9)
+    batches = [torch.randn(4, 1, 32, 32) * 3 + 2 for _ in range(3)]
+    used = ema.recalibrate_batchnorm(iter(batches), lambda m, x: m(x))
+    assert used == 3 and not ema.module.training
+    first = ema.module.inc.block[1]
+    x = torch.cat(batches)
+    with torch.no_grad():
+        act = ema.module.inc.block[0](x)  # the first convolution's output: what the first BatchNorm saw
+    assert torch.allclose(first.running_mean, act.mean((0, 2, 3)), atol=1e-4)
+    assert first.momentum == 0.1  # restored
+    gn = ModelEMA(UNet(1, base_channels=4, norm="group"), 0.9)
+    assert not gn.has_batchnorm() and gn.recalibrate_batchnorm(iter(batches), lambda m, x: m(x)) == 0

@@ -15,6 +15,13 @@ Design choices:
   epoch and useless the next). The average over the last ~1/(1-d) steps moves smoothly, so the
   validation curve, early stopping and the saved best model do not depend on the luck of the
   epoch's last batch.
+- BatchNorm: averaged weights with averaged running statistics do not match (the statistics
+  describe the activations of the raw weights along the way, not those of their average), and
+  the average can validate far below the raw weights (measured: 0.70 against 0.80 Dice on one
+  epoch). ``recalibrate_batchnorm`` recomputes the average's statistics from a few training
+  batches (forward only, the exact mean over them, as ``torch.optim.swa_utils.update_bn`` does
+  for averaged weights), then averages them over the ranks so every rank validates the same
+  model. GroupNorm/InstanceNorm models have no running statistics and skip it.
 - ``state_dict``/``load_state_dict`` hold the averaged tensors and the update count, so a run
   resumed from ``last/`` continues the same average.
 """
@@ -70,6 +77,43 @@ class ModelEMA:
             torch._foreach_lerp_(avg_f, [t.to(a.dtype) for t, a in zip(live_f, avg_f)], 1.0 - d)
         for a, t in zip(avg_o, live_o):
             a.copy_(t)
+
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.module.modules())
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, batches, forward, accelerator=None) -> int:
+        """Recompute the average's BatchNorm running statistics from ``batches``.
+
+        Args:
+            batches: iterable of training image batches (already on the device).
+            forward: ``forward(module, images)`` running the module (under the training autocast).
+            accelerator: when it has several processes, the statistics are averaged over them.
+        Returns:
+            the number of batches used (0: no BatchNorm, nothing done).
+        """
+        norms = [m for m in self.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return 0
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+        self.module.train()
+        used = 0
+        try:
+            for images in batches:
+                forward(self.module, images)
+                used += 1
+        finally:
+            self.module.eval()
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+        if accelerator is not None and accelerator.num_processes > 1:
+            for m in norms:
+                m.running_mean.copy_(accelerator.reduce(m.running_mean.clone(), reduction="mean"))
+                m.running_var.copy_(accelerator.reduce(m.running_var.clone(), reduction="mean"))
+        return used
 
     def state_dict(self) -> dict:
         return {"module": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},

@@ -224,8 +224,10 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
                                       f"state saved in {run_dir / state.LAST}; exiting with {state.PREEMPTED_EXIT_CODE}")
                     return state.PREEMPTED_EXIT_CODE
             bar.close()
-            del loader
             train_seconds = time.perf_counter() - running.start
+            if ema is not None and t.ema_bn_batches > 0:  # after the steps: the epoch's stream goes on
+                _recalibrate(ema, loader, t, accelerator)
+            del loader
             train_loss = running.mean_loss_all_ranks(accelerator)
             progress = _end_epoch(cfg, accelerator, model, loss_fn, val_batches, spec, scheduler, optimizer, epoch,
                                   progress, train_loss, train_seconds, epoch_images, rows, running,
@@ -244,6 +246,19 @@ def run_training(cfg: Config, argv: list[str] | None = None) -> int:
         if accelerator.log_with:
             accelerator.end_training()
     return 0
+
+
+def _recalibrate(ema: ModelEMA, loader, t, accelerator) -> None:
+    """The weight average's BatchNorm statistics from the next ``t.ema_bn_batches`` training batches."""
+    if not ema.has_batchnorm():
+        return
+
+    def forward(module, images):
+        with accelerator.autocast():
+            module(images)
+
+    batches = (to_device(next(loader)[0], accelerator.device, t.channels_last) for _ in range(t.ema_bn_batches))
+    ema.recalibrate_batchnorm(batches, forward, accelerator)
 
 
 def _start_loaders(cfg: Config, spec, epoch: int, rank: int, world: int):
