@@ -253,6 +253,9 @@ def main() -> int:
                     help="reference, seg_before, seg_new and names given by --variant")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
                     help="an extra seg train recipe: name and space-separated dotted overrides")
+    ap.add_argument("--calibrate_as", action="append", default=[], metavar="NAME=OTHER",
+                    help="give recipe NAME the epochs calibrated for OTHER (same network and per-epoch work, "
+                         "e.g. variants differing only in lr or schedule): saves its calibration runs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every recipe but seg_new")
     ap.add_argument("--new_seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of seg_new")
     ap.add_argument("--budget_s", type=float, default=240.0,
@@ -280,8 +283,9 @@ def main() -> int:
                   "--shard_size", "8", "--workers", "1", "--no_progress", "--overwrite"], work / "prepare.log")
         print(f"[{task}] {counts}", flush=True)
         plans = {}
+        same = dict(text.partition("=")[::2] for text in args.calibrate_as)
         for name in args.recipes:  # calibrations back to back: the same machine load for each recipe
-            cal = _calibrate(recipes[name], task_dir, work)
+            cal = _calibrate(recipes[same.get(name, name)], task_dir, work)
             plans[name] = max(2, int((2 * args.budget_s - cal["fixed_cpu_s"]) / cal["per_epoch_cpu_s"]))
             print(f"[{task}] {name}: {cal['per_epoch_cpu_s']:.1f} CPU s/epoch + {cal['fixed_cpu_s']:.1f} CPU s "
                   f"fixed -> {plans[name]} epochs", flush=True)
