@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
               names=["pred_dir", "gt_dir", "image_dir", "tolerance_mm"])
     add_flags(p.add_argument_group("a model on labelled data"), EvaluateConfig,
               names=["model_path", "data_dir", "split", "threshold", "batch_size", "device", "precision", "tta",
-                     "tile_size", "tile_overlap"])
+                     "tile_size", "tile_overlap", "postprocess", "tune_postprocessing", "tuned_model_path"])
     add_flags(p, EvaluateConfig, names=["output_dir", "worst_k", "num_samples", "workers", "progress"])
     return p
 
@@ -62,6 +62,13 @@ def summary(evaluation, outputs: dict, seconds: float) -> str:
     if evaluation.sweep is not None:
         b = evaluation.sweep["best"]
         lines.append(f"best threshold {b['threshold']:g} (global Dice {b['dice']:.4f}); used {r['threshold']:g}")
+    if evaluation.postprocessing is not None:
+        pp = evaluation.postprocessing
+        from seg.postprocess import PostProcess
+
+        lines.append(f"tuned on {pp['n_images']} images: threshold {pp['threshold']:g}, post-processing "
+                     f"{PostProcess.from_dict(pp['postprocess']).describe()}: mean Dice {pp['baseline_dice']:.4f} -> "
+                     f"{pp['dice']:.4f}; written to {pp['tuned_model_path']} (seg predict applies it)")
     lines.append(f"report: {outputs['report']} and {outputs['text'].name}")
     lines.append(f"plots:  {', '.join(p.name for k, p in outputs.items() if k not in ('report', 'text'))} "
                  f"in {outputs['report'].parent}")

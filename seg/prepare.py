@@ -4,6 +4,7 @@ Examples::
 
     seg prepare --images data/images --masks data/masks --out data/shards
     seg prepare --pairs pairs.csv --out data/shards --val_split 0.1 --strict
+    seg prepare --pairs pairs_with_split_column.csv --out data/shards   # train/val chosen per row
     seg prepare --images cohort/ --out cohort_shards          # unlabelled, for prediction
     seg prepare --images raw/images --masks raw/masks --out shards --group_by '^(patient[0-9]+)/'
     seg prepare --images nifti/images --masks nifti/labels --out vol_shards --modality ct \
@@ -28,11 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--images", help="images folder (recursive); alone = unlabelled cohort")
     p.add_argument("--masks", help="masks folder mirroring --images (same relative path and stem)")
-    p.add_argument("--pairs", help="CSV with columns image,mask (paths relative to the CSV's folder)")
+    p.add_argument("--pairs", help="CSV with columns image,mask (paths relative to the CSV's folder) and optionally "
+                                   "split (train or val: imposes the row's split; empty: by key hash)")
     p.add_argument("--out", required=True, help="output folder for shards and dataset.json")
     p.add_argument("--mask_suffixes", default=",".join(s for s in DEFAULT_MASK_SUFFIXES if s),
                    help="comma-separated mask stem suffixes tried after the bare stem, e.g. _mask,-mask,_seg")
-    p.add_argument("--val_split", type=float, default=0.2, help="fraction of samples (by key hash) for validation")
+    p.add_argument("--val_split", type=float, default=0.2,
+                   help="fraction of samples (by key hash) for validation; --pairs rows with a split value keep theirs")
     p.add_argument("--shard_size", type=int, default=1000, help="maximum samples per shard")
     p.add_argument("--shard_bytes", type=float, default=1e9, help="maximum bytes per shard")
     p.add_argument("--group_by", metavar="REGEX",

@@ -62,3 +62,24 @@ def test_low_precision_logits_give_fp32_loss_with_gradients(name):
 def test_unknown_loss_lists_options():
     with pytest.raises(ValueError, match="loss='focal' is not valid; valid options are bce, dice, combined"):
         build_loss("focal")
+
+
+def test_per_image_dice_weighs_small_structures_like_large_ones_and_skips_empty_masks():
+    big = torch.zeros(1, 1, 32, 32)
+    big[..., :16, :] = 1  # 512 foreground pixels
+    small = torch.zeros(1, 1, 32, 32)
+    small[..., :2, :2] = 1  # 4 pixels
+    target = torch.cat([big, small])
+    logits = torch.where(torch.cat([big, torch.zeros_like(small)]) > 0, BIG, -BIG)  # the small one is missed
+    batch = SoftDiceLoss(reduction="batch")(logits, target).item()
+    image = SoftDiceLoss(reduction="image")(logits, target).item()
+    assert batch < 0.01 and image == pytest.approx((0 + (1 - 1 / 5)) / 2, abs=1e-4)
+    empty = torch.zeros(1, 1, 32, 32)  # an empty mask adds nothing, whatever is predicted
+    with_empty = SoftDiceLoss(reduction="image")(torch.cat([logits, torch.full_like(empty, BIG)]),
+                                                 torch.cat([target, empty])).item()
+    assert with_empty == pytest.approx(image, abs=1e-6)
+    assert SoftDiceLoss(reduction="image")(torch.full_like(empty, BIG), empty).item() == 0.0
+    combined = build_loss("combined", dice_reduction="image")
+    assert combined.dice.reduction == "image"
+    with pytest.raises(ValueError, match="dice reduction='pixel' is not valid"):
+        SoftDiceLoss(reduction="pixel")

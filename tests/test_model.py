@@ -52,5 +52,39 @@ def test_wrong_input_channels_name_the_fix():
 def test_config_rebuilds_the_model():
     model = UNet(1, base_channels=4, bilinear=True)
     clone = build_model(**model.config())
-    assert clone.config() == {"in_channels": 1, "base_channels": 4, "bilinear": True}
+    assert clone.config() == {"in_channels": 1, "base_channels": 4, "bilinear": True, "norm": "batch"}
     clone.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("norm, layer", [("batch", torch.nn.BatchNorm2d), ("group", torch.nn.GroupNorm),
+                                         ("instance", torch.nn.InstanceNorm2d)])
+def test_norm_option_builds_that_layer_and_rebuilds_from_config(norm, layer):
+    model = UNet(1, base_channels=4, norm=norm)
+    kinds = {type(m) for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm,
+                                                                 torch.nn.InstanceNorm2d))}
+    assert kinds == {layer}
+    clone = build_model(**model.config())
+    clone.load_state_dict(model.state_dict())  # same parameter names and shapes
+    assert clone.config()["norm"] == norm
+
+
+def test_group_and_instance_norm_give_the_same_output_in_train_and_eval_mode():
+    """No running statistics: the evaluation output equals the training-mode output."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 32, 32)
+    for norm in ("group", "instance"):
+        model = UNet(1, base_channels=4, norm=norm)
+        with torch.no_grad():
+            train_out = model.train()(x)
+            assert torch.allclose(model.eval()(x), train_out, atol=1e-6)
+    bn = UNet(1, base_channels=4, norm="batch")
+    with torch.no_grad():
+        assert not torch.allclose(bn.eval()(x), bn.train()(x), atol=1e-3)
+
+
+def test_group_norm_groups_divide_the_width():
+    assert build_model(1, 4, norm="group").inc.block[1].num_groups == 4
+    assert build_model(1, 12, norm="group").inc.block[1].num_groups == 4
+    assert build_model(1, 32, norm="group").inc.block[1].num_groups == 8
+    with pytest.raises(ValueError, match="norm='layer' is not valid; valid options are batch, group, instance"):
+        UNet(1, 4, norm="layer")

@@ -91,3 +91,14 @@ def test_split_is_deterministic_fractional_and_per_key():
     assert splits == [split_of(k, 0.2) for k in keys]
     assert 0.17 < splits.count("val") / len(keys) < 0.23
     assert all(split_of(k, 0.0) == "train" for k in keys[:100])
+
+
+def test_pairs_csv_split_column_imposes_the_split(tmp_path):
+    _touch(tmp_path, "img/a.png", "img/b.png", "img/c.png", "lab/a.png", "lab/b.png", "lab/c.png")
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,mask,split\nimg/a.png,lab/a.png,val\nimg/b.png,lab/b.png,train\nimg/c.png,lab/c.png,\n")
+    pairs, problems = read_pairs_csv(csv)
+    assert {p.key: p.split for p in pairs} == {"a": "val", "b": "train", "c": None} and not problems
+    csv.write_text("image,mask,split\nimg/a.png,lab/a.png,val\nimg/b.png,lab/b.png,test\n")
+    with pytest.raises(ValueError, match=r"pairs.csv: row 3 \(img/b.png\) has split='test'; the split column takes train or val"):
+        read_pairs_csv(csv)

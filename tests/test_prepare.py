@@ -96,6 +96,23 @@ def test_round_trip_bytes_masks_json_and_stats(tmp_path):
     assert info["image_size"]["height"]["max"] == 24 and info["image_size"]["width"]["min"] == 20
 
 
+def test_pairs_csv_split_column_overrides_the_hash(tmp_path):
+    src = tmp_path / "src"
+    keys = [f"s{i:02d}" for i in range(12)]
+    for k in keys:
+        _pair(src, k, rgb=False)
+    imposed = {k: ("val" if i >= 8 else "train") for i, k in enumerate(keys)}
+    imposed["s11"] = ""  # an empty cell: the split by key hash
+    rows = "".join(f"images/{k}.png,masks/{k}_mask.png,{imposed[k]}\n" for k in keys)
+    (src / "pairs.csv").write_text("image,mask,split\n" + rows)
+    out = tmp_path / "shards"
+    assert main(["--pairs", str(src / "pairs.csv"), "--out", str(out), "--workers", "1", "--no_progress",
+                 "--val_split", "0.5"]) == 0
+    for key, s in _read_shards(out).items():
+        expected = imposed[key] or split_of(key, 0.5)
+        assert f"/{expected}-" in s["__url__"], (key, s["__url__"])
+
+
 def test_split_is_stable_when_the_data_set_grows(tmp_path):
     src = tmp_path / "src"
     for i in range(30):

@@ -181,7 +181,11 @@ def test_two_epochs_write_the_run_folder_then_resume_and_restart(shards, tmp_pat
         assert (run / png).read_bytes()[:8] == PNG_MAGIC
     rows = history.read_history(run)
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert all(set(history.COLUMNS) <= set(r) for r in rows)
+    import yaml
+
+    ema = yaml.safe_load((run / "config.yaml").read_text())["train"]["ema_decay"] > 0
+    expected = set(history.COLUMNS) if ema else set(history.COLUMNS) - set(history.RAW_COLUMNS)
+    assert all(set(r) == expected for r in rows)
     assert rows[1]["lr"] < rows[0]["lr"]  # cosine schedule stepped
     assert "epoch 2/2" in proc.stdout and "dice" in proc.stdout
 
@@ -202,6 +206,45 @@ def test_two_epochs_write_the_run_folder_then_resume_and_restart(shards, tmp_pat
     fresh = run_train([*args, "--no_resume", "--epochs", "1"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert [r["epoch"] for r in history.read_history(run)] == [1]
+
+
+@pytest.mark.parametrize("recipe", [
+    # constant lr after the warm-up: a cosine's course depends on --epochs, which the resume raises
+    ["train.ema_decay=0.9", "train.warmup_epochs=0.5", "train.scheduler=none", "train.optimizer=adamw",
+     "model.norm=group", "data.augmentation=strong"],
+    ["train.ema_decay=0.9", "train.ema_bn_batches=2", "train.warmup_epochs=0.5", "train.scheduler=none",
+     "model.norm=batch", "train.dice_reduction=image"],
+    ["train.ema_decay=0", "train.warmup_epochs=0", "train.scheduler=plateau", "train.optimizer=adam",
+     "model.norm=batch", "data.augmentation=standard", "train.dice_reduction=batch"]],
+    ids=["group-ema", "batchnorm-ema-recalibrated", "old-defaults"])
+def test_recipe_options_train_and_resume_to_the_same_weights(shards, tmp_path, recipe):
+    """1 epoch then --epochs 2 (resumed from last/: weight average, per-step schedule, optimizer)
+    ends with the weights of an uninterrupted 2-epoch run; the saved model is the average."""
+    folder, _ = shards
+    common = ["--data_dir", str(folder), *TINY, "--deterministic", "train.save_every=0",
+              "train.max_steps_per_epoch=3", *recipe]
+    straight = run_train([*common, "--checkpoint_dir", str(tmp_path / "a"), "--epochs", "2"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert run_train([*common, "--checkpoint_dir", str(tmp_path / "b"), "--epochs", "1"]).returncode == 0
+    resumed = run_train([*common, "--checkpoint_dir", str(tmp_path / "b"), "--epochs", "2"])
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "a" / "final_model.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "final_model.pth", weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["model"]["norm"] == ("group" if "model.norm=group" in recipe else "batch")
+    assert a["config"]["train"]["ema_decay"] == (0.9 if "train.ema_decay=0.9" in recipe else 0.0)
+    rows = history.read_history(tmp_path / "a")
+    state_dict = torch.load(tmp_path / "a" / "last" / "state.pth", weights_only=True)
+    if "train.ema_decay=0.9" in recipe:
+        assert all("raw_dice" in r for r in rows)
+        assert state_dict["ema"]["updates"] == 6
+        ema = state_dict["ema"]["module"]  # the saved model is the average, not the raw weights
+        assert all(torch.equal(ema[k], a["state_dict"][k]) for k in ema if ema[k].is_floating_point())
+        if "model.norm=batch" in recipe:  # recalibrated: 2 batches of 4 counted
+            assert int(ema["inc.block.1.num_batches_tracked"]) == 2
+        assert not all(torch.equal(state_dict["model"][k], a["state_dict"][k]) for k in ema)
+    else:
+        assert not any("raw_dice" in r for r in rows) and state_dict["ema"] is None
 
 
 @pytest.mark.slow

@@ -186,3 +186,35 @@ def test_standardize_is_albumentations_normalize_bit_for_bit(shape, mean, std):
     got = A.Compose([Standardize(mean, std)])(image=image)["image"]
     assert got.dtype == np.float32 and got.shape == expected.shape
     assert np.array_equal(got, expected)
+
+
+def test_strong_augmentation_keeps_masks_binary_and_aligned_and_varies_scale():
+    mask = _asymmetric_mask(64, 64)
+    image = np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)
+    tr = build_train_transform(64, [0.0] * 3, [1.0] * 3, seed=3, augmentation="strong")
+    areas = []
+    for _ in range(60):
+        img_t, mask_t = tr(image, mask)
+        assert set(mask_t.unique().tolist()) <= {0.0, 1.0}
+        areas.append(float(mask_t.sum()))
+    assert min(areas) < 0.7 * mask.sum() and max(areas) > 1.3 * mask.sum()  # scale 0.7-1.4 both ways
+    kinds = {type(t).__name__ for t in augmentations("strong")}
+    assert {"RandomGamma", "GaussianBlur", "Affine"} <= kinds
+    with pytest.raises(ValueError, match="augmentation='heavy' is not valid; valid options are standard, strong"):
+        build_train_transform(32, [0.0] * 3, [1.0] * 3, augmentation="heavy")
+
+
+def test_foreground_crops_contain_the_small_structure():
+    image = np.zeros((256, 256), np.uint8)
+    mask = np.zeros((256, 256), bool)
+    mask[200:206, 30:36] = True  # 36 pixels of 65536: a uniform 32 px crop rarely sees them
+    image[mask] = 255
+    def hits(p):
+        tr = build_train_transform(32, [0.0], [1.0], in_channels=1, sampling="patch", augment=False, seed=1,
+                                   foreground_crop=p)
+        return sum(float(tr(image, mask)[1].sum()) > 0 for _ in range(40))
+    assert hits(1.0) == 40
+    assert hits(0.0) < 10
+    assert 10 < hits(0.5) < 40
+    with pytest.raises(ValueError, match=r"foreground_crop=1.5 is not valid; it must be in \[0, 1\]"):
+        build_train_transform(32, [0.0], [1.0], in_channels=1, sampling="patch", foreground_crop=1.5)

@@ -46,6 +46,11 @@ class InferenceConfig:
     tile_overlap: float = 0.25
     """Fraction of a tile shared with its neighbours."""
 
+    postprocess: Literal["checkpoint", "none"] = "checkpoint"
+    """Mask post-processing: 'checkpoint' applies the one stored in the checkpoint by `seg evaluate
+    --tune_postprocessing` (hole filling, small-component removal, largest components; a checkpoint
+    without one: nothing), 'none' leaves the thresholded masks as they are."""
+
     def __post_init__(self) -> None:
         check_literals(self, "inference")
         check_range("inference", "batch_size", self.batch_size, low=1)
@@ -144,6 +149,14 @@ class EvaluateConfig(InferenceConfig):
     data_dir: str | None = None
     """With --model_path: a folder from `seg prepare`, a shard pattern, or a folder with images/ and masks/."""
 
+    tune_postprocessing: bool = False
+    """Model mode: choose the threshold and post-processing (hole filling, minimum component
+    size, largest components) with the best per-image mean Dice on the evaluated images, and
+    write them with the model into --tuned_model_path, which `seg predict` then applies."""
+
+    tuned_model_path: str | None = None
+    """Where --tune_postprocessing writes the tuned checkpoint; unset: <output_dir>/tuned_model.pth."""
+
     split: Literal["val", "train", "all"] = "val"
     """Split of a `seg prepare` folder to evaluate."""
 
@@ -179,6 +192,9 @@ class EvaluateConfig(InferenceConfig):
             raise ValueError("--pred_dir and --gt_dir go together")
         if model and not (self.model_path and self.data_dir):
             raise ValueError("--model_path and --data_dir go together")
+        if masks and (self.tune_postprocessing or self.tuned_model_path):
+            raise ValueError("--tune_postprocessing needs a model: give --model_path and --data_dir (the validation "
+                             "split), not --pred_dir")
         if masks and self.threshold is not None:
             raise ValueError("--threshold applies to --model_path; masks in --pred_dir are binary "
                              "(any value > 0 is foreground)")

@@ -63,7 +63,17 @@ class DataConfig:
     native resolution (microscopy and other images much larger than the network input)."""
 
     augment: bool = True
-    """Flips, 90-degree rotations, affine, brightness/contrast and noise on training images."""
+    """Augment training images (flips, 90-degree rotations, affine, intensity); see ``augmentation``."""
+
+    augmentation: Literal["standard", "strong"] = "standard"
+    """With augment on: 'standard' (scale 0.9-1.1, rotation 15 degrees, brightness/contrast 0.2)
+    or 'strong' (scale 0.7-1.4, rotation 30 degrees, gamma 0.7-1.5, brightness/contrast 0.3,
+    blur): robustness to structures smaller or larger and to contrast unlike the training set."""
+
+    foreground_crop: float = 0.0
+    """sampling='patch' only: probability that a training crop is placed to contain foreground
+    (where the image has any); the rest are uniform random crops. For sparse small structures in
+    large images, where uniform crops are mostly background."""
 
     num_workers: int = _flag(2)
     """DataLoader worker processes per rank; shards are split over ranks x workers."""
@@ -86,6 +96,7 @@ class DataConfig:
             )
         for name in ("num_workers", "shuffle_buffer"):
             check_range("data", name, getattr(self, name), low=0)
+        check_range("data", "foreground_crop", self.foreground_crop, low=0, high=1)
 
 
 @dataclass
@@ -96,7 +107,12 @@ class ModelConfig:
     bilinear: bool = _flag(False)
     """Bilinear upsampling instead of transposed convolutions (17.3M parameters at width 64)."""
 
+    norm: Literal["batch", "group", "instance"] = "batch"
+    """Normalisation after each convolution: 'batch' (BatchNorm), 'group' (GroupNorm, 8 groups) or
+    'instance' (InstanceNorm). Group/instance use the same statistics in training and evaluation."""
+
     def __post_init__(self) -> None:
+        check_literals(self, "model")
         check_range("model", "base_channels", self.base_channels, low=0, low_open=True)
 
 
@@ -109,10 +125,14 @@ class TrainConfig:
     """Images per step on each rank (global batch = batch_size x world size x grad_accum)."""
 
     lr: float = _flag(1e-3)
-    """Adam learning rate."""
+    """Peak learning rate (after warm-up)."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    """'adam' (weight decay as L2 in the gradient), 'adamw' (decoupled weight decay) or 'sgd'
+    (momentum 0.9, Nesterov)."""
 
     weight_decay: float = 1e-5
-    """Adam weight decay (L2)."""
+    """Weight decay: L2 for 'adam' and 'sgd', decoupled for 'adamw'."""
 
     loss: Literal["bce", "dice", "combined"] = _flag("combined")
     """Training loss; 'combined' is bce_weight * BCE + dice_weight * soft Dice."""
@@ -123,6 +143,10 @@ class TrainConfig:
     dice_weight: float = 0.5
     """Weight of soft Dice in the combined loss."""
 
+    dice_reduction: Literal["batch", "image"] = "batch"
+    """Soft Dice 'batch' (pooled over the batch) or 'image' (mean over the images with foreground:
+    small structures count as much as large ones)."""
+
     scheduler: Literal["none", "plateau", "cosine", "poly"] = _flag("plateau", const="plateau")
     """Learning-rate schedule, stepped per epoch; 'plateau' halves the lr when val Dice stops
     improving (ReduceLROnPlateau). Plateau by default: a constant Adam lr stalls short of the
@@ -130,6 +154,20 @@ class TrainConfig:
 
     scheduler_patience: int = 5
     """Epochs without val Dice improvement before 'plateau' lowers the lr."""
+
+    warmup_epochs: float = 0.0
+    """Linear learning-rate warm-up from 0 over this many epochs (stepped per optimizer step);
+    with 'cosine' and 'poly' the decay then runs per step over the remaining steps. Not with
+    'plateau'."""
+
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (0 turns it off): validation, best/final model
+    files and early stopping use the averaged weights; the raw weights are validated too and both
+    curves go to history.csv. Per-step decay, ramped up over the first steps as (1+n)/(10+n)."""
+
+    ema_bn_batches: int = 8
+    """With ema_decay and BatchNorm: training batches over which the average's BatchNorm
+    statistics are recomputed before each validation (0: keep the averaged statistics)."""
 
     early_stopping: int = 15
     """Stop after this many epochs without val Dice improvement; 0 turns it off."""
@@ -193,8 +231,14 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr", "grad_accum", "collective_timeout"):
             check_range("train", name, getattr(self, name), low=0, low_open=True)
         for name in ("weight_decay", "bce_weight", "dice_weight", "grad_clip", "save_every",
-                     "early_stopping", "scheduler_patience", "max_steps_per_epoch"):
+                     "early_stopping", "scheduler_patience", "max_steps_per_epoch", "warmup_epochs",
+                     "ema_bn_batches"):
             check_range("train", name, getattr(self, name), low=0)
+        check_range("train", "ema_decay", self.ema_decay, low=0, high=1, high_open=True)
+        if self.warmup_epochs > 0 and self.scheduler == "plateau":
+            raise ValueError(f"train.warmup_epochs={self.warmup_epochs!r} needs train.scheduler none, cosine or poly "
+                             "(plateau lowers the lr on validation Dice, per epoch); set train.warmup_epochs=0 "
+                             "or pick another scheduler")
         check_range("train", "threshold", self.threshold, low=0, high=1, low_open=True, high_open=True)
 
 

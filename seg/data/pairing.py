@@ -19,7 +19,10 @@ Design choices:
   keeps its split when the data set grows or is re-prepared. With ``--group_by REGEX`` the
   hash is of the sample's group instead (``group_of``: the regex's first capture group, or its
   whole match, searched in the relative path), so every image of one patient or slide lands in
-  the same split; a path the regex does not match is an error, never a group of its own.
+  the same split; a path the regex does not match is an error, never a group of its own. A
+  pairs CSV may impose the split per row instead (an optional ``split`` column, ``train`` or
+  ``val``; an empty cell falls back to the hash): neighbouring slices of a volume or tiles of
+  one image are near copies, and a split by hash would put near copies on both sides.
 - NIfTI volumes (``.nii``, ``.nii.gz``; listed only with ``volumes=True``) pair like images,
   the whole double extension removed from the stem (``x.nii.gz`` pairs with ``x_seg.nii.gz``),
   and only with volumes: a volume never pairs with a 2D mask, nor an image with a mask volume.
@@ -47,7 +50,8 @@ class Pair:
     """One sample to prepare. ``mask`` is None in unlabelled mode.
 
     ``image``/``mask`` are absolute paths; ``image_rel``/``mask_rel`` are the relative paths
-    recorded in shards and ``dataset.json``.
+    recorded in shards and ``dataset.json``. ``split`` is ``"train"``/``"val"`` when imposed (a
+    pairs CSV's ``split`` column), None for the split by key hash.
     """
 
     key: str
@@ -55,6 +59,7 @@ class Pair:
     mask: Path | None
     image_rel: str
     mask_rel: str | None
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,12 +209,17 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path | None = None,
     return _dedupe_keys(pairs, problems), problems
 
 
+SPLITS = ("train", "val")
+
+
 def read_pairs_csv(path: str | Path, labelled: bool = True) -> tuple[list[Pair], list[Problem]]:
     """Read a CSV with columns ``image,mask`` (``mask`` optional when ``labelled`` is False).
 
     Relative paths are resolved against the CSV's folder. Keys are made from the image paths
     relative to their common folder. Missing files are reported as problems
-    (``missing image``, ``missing mask``), never raised.
+    (``missing image``, ``missing mask``), never raised. An optional ``split`` column imposes
+    the row's split (``train`` or ``val``; empty: by key hash); any other value is a
+    ``ValueError`` naming the row, as it is a mistake in the file rather than bad data.
     """
     path = Path(path)
     base = path.resolve().parent
@@ -223,6 +233,10 @@ def read_pairs_csv(path: str | Path, labelled: bool = True) -> tuple[list[Pair],
     rows = [r for r in rows if r.get("image")]
     if not rows:
         raise ValueError(f"{path}: no rows with an image path")
+    for line, row in enumerate(rows, start=2):
+        if row.get("split", "") not in ("", *SPLITS):
+            raise ValueError(f"{path}: row {line} ({row['image']}) has split={row['split']!r}; the split column takes "
+                             f"{' or '.join(SPLITS)} (or an empty cell for the split by key hash)")
     images = [(base / r["image"]).resolve() for r in rows]
     root = Path(os.path.commonpath([p.parent for p in images]))
     problems: list[Problem] = []
@@ -237,5 +251,5 @@ def read_pairs_csv(path: str | Path, labelled: bool = True) -> tuple[list[Pair],
                                     f"{mask or row['image']}: mask file not found (row of {path})"))
         else:
             pairs.append(Pair(sample_key(image.relative_to(root).as_posix()), image, mask, row["image"],
-                              mask_text if labelled else None))
+                              mask_text if labelled else None, row.get("split") or None))
     return _dedupe_keys(pairs, problems), problems

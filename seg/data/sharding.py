@@ -72,7 +72,8 @@ def _validate(pair: Pair, val_split: float, labelled: bool) -> dict | Problem:
                 "height": int(image.shape[0]), "width": int(image.shape[1]),
                 "channels": 1 if image.ndim == 2 else int(image.shape[2]), "dtype": str(image.dtype),
                 "foreground_fraction": None}
-        out = {"key": pair.key, "split": split_of(pair.key, val_split) if labelled else "data",
+        split = (pair.split or split_of(pair.key, val_split)) if labelled else "data"
+        out = {"key": pair.key, "split": split,
                "image_ext": _EXT.get(pair.image.suffix.lower(), pair.image.suffix.lower()[1:]),
                "image_bytes": image_bytes, "mask_png": None, "multi_value": False, "meta": meta}
         if labelled:
@@ -281,8 +282,9 @@ def prepare_dataset(images=None, masks=None, out="data/shards", pairs_csv=None, 
             cohort, written as ``data-NNNNNN.tar`` shards without masks.
         masks: masks folder mirroring ``images``.
         out: output folder; must be empty unless ``overwrite``.
-        pairs_csv: CSV with columns ``image,mask`` (instead of ``images``/``masks``).
-        val_split: fraction of keys (by hash) sent to ``val``.
+        pairs_csv: CSV with columns ``image,mask`` and optionally ``split`` (train/val, imposing
+            the row's split), instead of ``images``/``masks``.
+        val_split: fraction of keys (by hash) sent to ``val``, for pairs without an imposed split.
         shard_size, shard_bytes: a shard closes before exceeding either bound.
         suffixes: mask stem suffixes for folder pairing.
         workers: validation processes (default ``min(8, cpu count)``; 0 or 1 = in this process).

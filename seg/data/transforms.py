@@ -23,10 +23,18 @@ Design choices:
   (centred, zeros / mask 0) so the U-Net can run on it. Padded pixels count as true negatives
   in evaluation metrics; in patch mode, image sizes differ between samples, so evaluation
   batches hold one image unless all images share a size.
-- Augmentations are moderate and label-preserving for medical images (lesions, organs, cells
-  have no canonical orientation in dermoscopy/microscopy; ultrasound users may prefer
-  ``augment=False``): flips, 90-degree rotations, a small affine (scale 0.9-1.1, shift 6%,
-  rotation 15 degrees), brightness/contrast +-0.2 and faint Gaussian noise.
+- Augmentations are label-preserving for medical images (lesions, organs, cells have no
+  canonical orientation in dermoscopy/microscopy; ultrasound users may prefer
+  ``augment=False``). ``standard``: flips, 90-degree rotations, a small affine (scale 0.9-1.1,
+  shift 6%, rotation 15 degrees), brightness/contrast +-0.2 and faint Gaussian noise.
+  ``strong``: the same flips, an affine with scale 0.7-1.4 (shrinking and growing equally
+  likely: ``balanced_scale``), shift 10%, rotation 30 degrees, applied to 70% of images; gamma
+  0.7-1.5, brightness/contrast +-0.3, a slight blur and noise. A test set whose structures are
+  smaller or larger, or whose contrast differs, than the training set's is then inside the
+  training distribution.
+- ``foreground_crop`` (patch sampling only): that fraction of training crops is placed to
+  contain mask foreground (albumentations' ``CropNonEmptyMaskIfExists``; a uniform crop for an
+  image without any), the rest are uniform random crops.
 - Randomness: albumentations 2 ``Compose`` owns its random state (global numpy/random seeds
   have no effect). ``SegTransform.reseed(seed)`` resets it; ``augmentation_seed(seed, epoch,
   rank, worker)`` gives the random seed for one DataLoader worker of one rank in one epoch, so the
@@ -239,10 +247,28 @@ def _normalize(mean, std) -> "A.BasicTransform":
     return Standardize(mean, std)
 
 
-def augmentations() -> list["A.BasicTransform"]:
-    """The training augmentations (after sizing, before normalisation)."""
+AUGMENTATIONS = ("standard", "strong")
+
+
+def augmentations(policy: str = "standard") -> list["A.BasicTransform"]:
+    """The training augmentations (after sizing, before normalisation): 'standard' or 'strong'."""
     import albumentations as A
 
+    if policy == "strong":
+        return [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=0.5),
+            A.Affine(scale=(0.7, 1.4), keep_ratio=True, balanced_scale=True, translate_percent=(-0.1, 0.1),
+                     rotate=(-30, 30), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                     border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.7),
+            A.RandomGamma(gamma_limit=(70, 150), p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.5),
+            A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.0), p=0.15),
+            A.GaussNoise(std_range=(0.01, 0.05), p=0.2),
+        ]
+    if policy != "standard":
+        raise ValueError(f"augmentation={policy!r} is not valid; valid options are {', '.join(AUGMENTATIONS)}")
     return [
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
@@ -289,15 +315,19 @@ def _zscore_intensity_class() -> type:
     return ZScoreIntensity
 
 
-def volume_augmentations() -> list["A.BasicTransform"]:
-    """The training augmentations of volume slices: ``augmentations()``' geometric steps, then
-    ``ZScoreIntensity`` in place of brightness/contrast and noise (see the module docstring)."""
-    geometric = [t for t in augmentations() if type(t).__name__ not in ("RandomBrightnessContrast", "GaussNoise")]
+_INTENSITY_STEPS = ("RandomBrightnessContrast", "GaussNoise", "RandomGamma")  # for [0, 1] images only
+
+
+def volume_augmentations(policy: str = "standard") -> list["A.BasicTransform"]:
+    """The training augmentations of volume slices: ``augmentations(policy)``' geometric steps (and
+    blur), then ``ZScoreIntensity`` in place of the intensity steps, which assume [0, 1] images."""
+    geometric = [t for t in augmentations(policy) if type(t).__name__ not in _INTENSITY_STEPS]
     return geometric + [_zscore_intensity_class()()]
 
 
 def build_train_transform(image_size: int, mean, std, in_channels: int = 3, sampling: str = "resize",
-                          augment: bool = True, seed: int | None = None) -> SegTransform:
+                          augment: bool = True, seed: int | None = None, augmentation: str = "standard",
+                          foreground_crop: float = 0.0) -> SegTransform:
     """Training transform: sizing (resize, or pad + random crop), augmentations, normalisation.
 
     Args:
@@ -305,25 +335,46 @@ def build_train_transform(image_size: int, mean, std, in_channels: int = 3, samp
         mean, std: per-channel stats on the [0, 1] scale (``channel_stats``), in_channels values.
         in_channels: 1 or 3 output channels.
         sampling: 'resize' or 'patch'.
-        augment: apply ``augmentations()``; off gives the deterministic sizing + normalisation.
+        augment: apply ``augmentations(augmentation)``; off gives the deterministic sizing + normalisation.
         seed: initial augmentation seed (``reseed`` changes it per epoch/rank/worker).
+        augmentation: 'standard' or 'strong' (see the module docstring).
+        foreground_crop: patch sampling: fraction of crops placed on mask foreground, in [0, 1].
     Shape:
         ``(image HxW[x3], mask HxW | None) -> (float32 (C, S, S), float32 (1, S, S) | None)``
     """
     _check(image_size, mean, std, in_channels, sampling)
-    build = functools.partial(_train_compose, image_size, tuple(mean), tuple(std), sampling, augment)
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation={augmentation!r} is not valid; valid options are {', '.join(AUGMENTATIONS)}")
+    if not 0.0 <= foreground_crop <= 1.0:
+        raise ValueError(f"foreground_crop={foreground_crop!r} is not valid; it must be in [0, 1]")
+    build = functools.partial(_train_compose, image_size, tuple(mean), tuple(std), sampling, augment,
+                              augmentation=augmentation, foreground_crop=foreground_crop)
     return SegTransform(build, in_channels, resize_to=image_size if sampling == "resize" else None, seed=seed)
 
 
+def _patch_crop(image_size: int, foreground_crop: float) -> "A.BasicTransform":
+    import albumentations as A
+
+    uniform = A.RandomCrop(image_size, image_size)
+    if foreground_crop <= 0.0:
+        return uniform
+    on_foreground = A.CropNonEmptyMaskIfExists(image_size, image_size)
+    if foreground_crop >= 1.0:
+        return on_foreground
+    on_foreground.p, uniform.p = foreground_crop, 1.0 - foreground_crop  # OneOf picks by these weights
+    return A.OneOf([on_foreground, uniform], p=1.0)
+
+
 def _train_compose(image_size: int, mean, std, sampling: str, augment: bool, seed: int | None,
-                   float_images: bool = False) -> "A.Compose":
+                   float_images: bool = False, augmentation: str = "standard",
+                   foreground_crop: float = 0.0) -> "A.Compose":
     import albumentations as A
 
     sizing = [] if sampling == "resize" else [
         A.PadIfNeeded(min_height=image_size, min_width=image_size, position="center",
                       border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-        A.RandomCrop(image_size, image_size)]
-    augment_steps = (volume_augmentations() if float_images else augmentations()) if augment else []
+        _patch_crop(image_size, foreground_crop)]
+    augment_steps = (volume_augmentations(augmentation) if float_images else augmentations(augmentation)) if augment else []
     steps = sizing + augment_steps + [_normalize(mean, std)]
     return A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST, seed=seed)
 

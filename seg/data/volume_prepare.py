@@ -215,7 +215,8 @@ def split_groups(pairs: list[Pair], val_split: float, labelled: bool, group_by: 
         if group is None:
             unmatched.append(pair.image_rel)
             continue
-        out[pair.key] = (group, split_of(group, val_split) if labelled else "data")
+        split = (pair.split or split_of(group, val_split)) if labelled else "data"  # a pairs CSV split wins
+        out[pair.key] = (group, split)
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (f" ... and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
         raise ValueError(f"--group_by {group_by!r} matches no group in {len(unmatched)} of {len(pairs)} relative "

@@ -152,11 +152,19 @@ def evaluate_model(cfg: EvaluateConfig, env: DistEnv) -> tuple[Evaluation | None
     source = LabelledImages(str(cfg.data_dir), cfg.split)
     from seg.inference.engine import Predictor
 
+    from seg.evaluation import tuning
+
+    target = tuning.tuned_path(cfg.model_path, cfg.output_dir, cfg.tuned_model_path) if cfg.tune_postprocessing else None
     predictor = Predictor(cfg.model_path, cfg)
     if env.is_main:
         print(f"model {cfg.model_path}: {predictor.describe()}")
-    scores = RankScores(threshold=predictor.threshold, sweep=True, worst_k=cfg.worst_k, num_samples=cfg.num_samples)
+    scores = RankScores(threshold=predictor.threshold, sweep=True, worst_k=cfg.worst_k, num_samples=cfg.num_samples,
+                        postprocess=predictor.postprocess,
+                        tune_thresholds=tuning.thresholds_for(predictor.threshold) if target else None)
     evaluation = _run(lambda: _score_model(source, predictor, scores, env, cfg), scores, env, cfg)
+    if evaluation is not None and target is not None:
+        evaluation.postprocessing = tuning.tune_and_save(evaluation.tuning, predictor.checkpoint, predictor.threshold,
+                                                         target)
     return evaluation, f"model {cfg.model_path} on {source.description}"
 
 
@@ -173,6 +181,8 @@ def write_outputs(evaluation: Evaluation, source: str, output_dir: Path) -> dict
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output_dir, recursive=False)
     doc = report_mod.build_report(evaluation.report, evaluation.sweep)
+    if evaluation.postprocessing is not None:
+        doc["postprocessing"] = evaluation.postprocessing
     worst = [(t.key, t.dice) for t in evaluation.worst]
     dice = {p["id"]: p["dice"] for p in doc["per_image"]}
     qc = qc_ranking.qc_section(dice, evaluation.qc) if evaluation.qc else None

@@ -33,6 +33,7 @@ import numpy as np
 
 from seg.dist import DistEnv
 from seg.metrics import MetricAccumulator, confusion_counts, metrics_from_counts
+from seg.postprocess import PostProcess, image_stats, mask_of
 
 SWEEP_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(1, 20) * 0.05, 2))
 THUMB_SIDE = 256
@@ -115,6 +116,9 @@ class RankScores:
     samples: dict[str, Thumbnail] = field(default_factory=dict)
     worst: dict[str, Thumbnail] = field(default_factory=dict)
     qc: dict[str, dict] = field(default_factory=dict)  # per-image QC records (seg.inference.qc), model mode
+    postprocess: PostProcess | None = None  # applied after the threshold (model mode)
+    tune_thresholds: tuple[float, ...] | None = None  # collect seg.postprocess.image_stats at these
+    tuning: dict[str, dict] = field(default_factory=dict)  # {id: image_stats}
 
     def add(self, index: int, key: str, truth: np.ndarray, pred: np.ndarray | None = None,
             prob: np.ndarray | None = None, image: "np.ndarray | ImageSource | None" = None,
@@ -126,7 +130,9 @@ class RankScores:
             key: the image id.
             truth: bool ``(H, W)``.
             pred: bool ``(H, W)`` prediction (mask mode), or
-            prob: float ``(H, W)`` probabilities, thresholded at ``self.threshold`` (model mode).
+            prob: float ``(H, W)`` probabilities, thresholded at ``self.threshold`` then
+                post-processed by ``self.postprocess`` (model mode); the sweep and the tuning
+                statistics are of the probabilities.
             image: the image, or a function returning it (called only if a panel needs it).
             qc: the image's QC record, kept for the report's ``qc`` key.
         """
@@ -134,10 +140,12 @@ class RankScores:
             raise ValueError(f"image id {key!r} occurs twice in the evaluated data (a shard or folder given twice?); "
                              "ids must be unique")
         if prob is not None:
-            counts = confusion_counts(prob[None], truth[None], self.threshold)[0]
             if self.sweep:
                 self.sweeps[key] = sweep_counts(prob, truth)
-            pred = prob > self.threshold
+            if self.tune_thresholds is not None:
+                self.tuning[key] = image_stats(prob, truth, self.tune_thresholds)
+            pred = mask_of(prob, self.threshold, self.postprocess)
+            counts = confusion_counts(pred[None], truth[None], 0.5)[0]
         else:
             counts = confusion_counts(pred[None], truth[None], 0.5)[0]
         self.counts[key] = counts
@@ -161,7 +169,7 @@ class RankScores:
 
     def payload(self) -> dict:
         return {"counts": self.counts, "sweeps": self.sweeps, "samples": self.samples, "worst": self.worst,
-                "qc": self.qc}
+                "qc": self.qc, "tuning": self.tuning}
 
 
 @dataclass
@@ -173,6 +181,8 @@ class Evaluation:
     samples: list[Thumbnail]
     worst: list[Thumbnail]
     qc: dict = field(default_factory=dict)  # {id: QC record}: model mode, or the --pred_dir manifest
+    tuning: dict = field(default_factory=dict)  # {id: seg.postprocess.image_stats}: --tune_postprocessing
+    postprocessing: dict | None = None  # the tuned choice, for the report (seg.evaluation.run)
 
 
 def sweep_table(sweeps: dict[str, np.ndarray]) -> dict:
@@ -196,6 +206,7 @@ def merge(payloads: list[dict], threshold: float | None, worst_k: int, num_sampl
     samples: dict[str, Thumbnail] = {}
     worst: dict[str, Thumbnail] = {}
     qc: dict[str, dict] = {}
+    tuning: dict[str, dict] = {}
     for p in payloads:
         duplicated = set(p["counts"]) & set(acc.counts)
         if duplicated:  # each index goes to one rank, so a repeated id is in the data itself
@@ -207,10 +218,11 @@ def merge(payloads: list[dict], threshold: float | None, worst_k: int, num_sampl
         samples.update(p["samples"])
         worst.update(p["worst"])
         qc.update(p.get("qc", {}))
+        tuning.update(p.get("tuning", {}))
     report = acc.summary(per_image=True)
     ordered = sorted(worst.values(), key=lambda t: (t.dice, t.key))[:worst_k]
     return Evaluation(report, sweep_table(sweeps) if sweeps else None,
-                      [samples[k] for k in sorted(samples)][:num_samples], ordered, qc)
+                      [samples[k] for k in sorted(samples)][:num_samples], ordered, qc, tuning)
 
 
 def init_process_group(env: DistEnv) -> bool:

@@ -56,6 +56,7 @@ from seg.config.inference import InferenceConfig
 from seg.model import build_model
 from seg.inference.tiling import predict_tiled
 from seg.inference.tta import flip_average
+from seg.postprocess import PostProcess
 from seg.precision import autocast_dtype, resolve_precision
 
 
@@ -183,7 +184,8 @@ class Predictor:
         **overrides: fields of ``options`` to replace, e.g. ``Predictor(path, device="cpu")``.
 
     Attributes:
-        options, threshold, sha256 (of the checkpoint file, or of the weights for a dict),
+        options, threshold, postprocess (``seg.postprocess.PostProcess``, applied to masks by the
+        callers: writers, evaluation), sha256 (of the checkpoint file, or of the weights for a dict),
         preprocess, mode ('resize' | 'tile'), tile_size, device, precision ('bf16', 'fp16',
         'fp32'), autocast_dtype.
     """
@@ -205,6 +207,9 @@ class Predictor:
         self.tile_size = int(options.tile_size or self.image_size)
         self.tile_overlap = float(options.tile_overlap)
         self.threshold = float(ckpt.get("threshold", 0.5) if options.threshold is None else options.threshold)
+        # the mask post-processing chosen on validation (seg evaluate --tune_postprocessing)
+        self.postprocess = (PostProcess.from_dict(ckpt.get("postprocess")) if options.postprocess == "checkpoint"
+                            else PostProcess())
         self.batch_size, self.tta = int(options.batch_size), bool(options.tta)
         self.preprocessor = Preprocessor(self.mode, self.image_size, self.in_channels,
                                          self.preprocess["mean"], self.preprocess["std"], self.preprocess.get("volume"))
@@ -350,4 +355,6 @@ class Predictor:
         size = (f"tiles {self.tile_size}px overlap {self.tile_overlap}" if self.mode == "tile"
                 else f"resize to {self.image_size}px")
         return (f"{size}, {self.precision} on {self.device}, batch {self.batch_size}, tta={self.tta}, "
-                f"threshold {self.threshold}, model sha256 {self.sha256[:12]}")
+                f"threshold {self.threshold}, "
+                + ("" if self.postprocess.is_identity else f"post-processing {self.postprocess.describe()}, ")
+                + f"model sha256 {self.sha256[:12]}")

@@ -134,9 +134,11 @@ class CohortRun:
         self._temporaries: dict = {}  # remove_unit_temporaries' per-folder listing cache
         self._pending_n = 0  # images in the pending batch
         self._inflight = None  # (launched batch, its segments), collected after the next launch
-        # QC needs the full-size probabilities on the host: masks are made there too
+        # QC needs the full-size probabilities on the host, and post-processing the masks there:
+        # masks are made on the host then
+        host_masks = cfg.qc or not predictor.postprocess.is_identity
         self.batches = BatchForward(predictor, probability=cfg.save_probability, compile=cfg.compile,
-                                    device_post=False if cfg.qc else None)
+                                    device_post=False if host_masks else None)
 
     def _state(self, index: int) -> UnitState:
         if index not in self.states:
@@ -287,7 +289,8 @@ class CohortRun:
         # tile mode: whole-size maps, one per job, the writers' default bound
         room = None if self.p.mode == "tile" else max(4 * self.cfg.writer_threads, 2 * self.p.batch_size)
         writers = Writers(self.p.threshold, self.cfg.save_overlay, self.cfg.save_probability, self.cfg.writer_threads,
-                          room, qc=ImageQC(self.p.threshold, reference_from(self.p.checkpoint)) if self.cfg.qc else None)
+                          room, qc=ImageQC(self.p.threshold, reference_from(self.p.checkpoint)) if self.cfg.qc else None,
+                          postprocess=self.p.postprocess)
         stream = UnitStream(todo, self.p.preprocessor, keep_image=self.cfg.save_overlay,
                             chunk=1 if self.p.mode == "tile" else min(self.p.batch_size, 64))
         pending: list[tuple[Chunk, int, int]] = []

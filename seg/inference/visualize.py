@@ -19,10 +19,11 @@ from seg.inference.engine import Predictor
 from seg.inference.inputs import safe_relative
 from seg.inference.writers import encode_outputs, overlay_rgb, to_rgb8
 from seg.metrics import METRIC_NAMES, confusion_counts, metrics_from_counts
+from seg.postprocess import mask_of
 
 
 def save_visualization(path: Path, image: np.ndarray, truth: np.ndarray | None, prob: np.ndarray,
-                       threshold: float) -> None:
+                       threshold: float, postprocess=None) -> None:
     """Write the panels image | truth | prediction | probability | overlay as one PNG.
 
     Shape:
@@ -33,7 +34,7 @@ def save_visualization(path: Path, image: np.ndarray, truth: np.ndarray | None, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mask = prob > threshold
+    mask = mask_of(prob, threshold, postprocess)
     panels = [("image", to_rgb8(image), None)]
     if truth is not None:
         panels.append(("ground truth", truth, "gray"))
@@ -51,9 +52,10 @@ def save_visualization(path: Path, image: np.ndarray, truth: np.ndarray | None, 
     plt.close(fig)
 
 
-def image_metrics(prob: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, float]:
-    """Every seg.metrics metric of one image at ``threshold``."""
-    counts = confusion_counts(prob[None], truth[None].astype(np.float32), threshold)
+def image_metrics(prob: np.ndarray, truth: np.ndarray, threshold: float, postprocess=None) -> dict[str, float]:
+    """Every seg.metrics metric of one image at ``threshold`` (then ``postprocess``)."""
+    mask = mask_of(prob, threshold, postprocess)
+    counts = confusion_counts(mask[None].astype(np.float32), truth[None].astype(np.float32), 0.5)
     values = metrics_from_counts(counts)
     return {m: float(values[m][0]) for m in METRIC_NAMES}
 
@@ -67,7 +69,8 @@ def predict_one(predictor: Predictor, image_path: str, out_dir: Path, mask_path:
     """
     image = read_image(image_path)
     prob = predictor.predict_probabilities([image])[0]
-    files, fg = encode_outputs(prob, predictor.threshold, image, overlay, probability)
+    post = predictor.postprocess
+    files, fg = encode_outputs(prob, predictor.threshold, image, overlay, probability, post)
     stem = Path(safe_relative(Path(image_path).name)).stem
     outputs = []
     for suffix, data in files.items():
@@ -77,12 +80,12 @@ def predict_one(predictor: Predictor, image_path: str, out_dir: Path, mask_path:
     if mask_path:
         truth = read_mask(mask_path)
         check_same_size(image, truth, image_path, mask_path)
-        metrics = image_metrics(prob, truth, predictor.threshold)
+        metrics = image_metrics(prob, truth, predictor.threshold, post)
         vis = out_dir / f"{stem}_visualization.png"
-        save_visualization(vis, image, truth, prob, predictor.threshold)
+        save_visualization(vis, image, truth, prob, predictor.threshold, post)
         outputs.append(vis)
     elif probability:
         vis = out_dir / f"{stem}_visualization.png"
-        save_visualization(vis, image, None, prob, predictor.threshold)
+        save_visualization(vis, image, None, prob, predictor.threshold, post)
         outputs.append(vis)
     return {"outputs": [str(p) for p in outputs], "foreground": fg, "metrics": metrics}

@@ -54,6 +54,7 @@ import numpy as np
 from seg.data.io import encode_mask_png
 from seg.fileio import AtomicFile
 from seg.inference.engine import Predictor
+from seg.postprocess import mask_of
 
 OVERLAY_COLOUR = np.array([255, 0, 0], np.float32)  # RGB red
 OVERLAY_ALPHA = 0.45
@@ -135,13 +136,14 @@ def _pixels(prepared, image):
 
 
 def encode_outputs(prob: np.ndarray, threshold: float, image: np.ndarray | None = None,
-                   overlay: bool = False, probability: bool = False) -> tuple[dict[str, bytes], float]:
-    """Encoded outputs of one image: ``({suffix: png bytes}, foreground fraction)``.
+                   overlay: bool = False, probability: bool = False, postprocess=None) -> tuple[dict[str, bytes], float]:
+    """Encoded outputs of one image: ``({suffix: png bytes}, foreground fraction)``; the mask is
+    ``prob > threshold`` then ``postprocess`` (``seg.postprocess.PostProcess`` or None).
 
     Shape:
         prob ``(H, W)`` float32 at the original size; image ``(H, W[, 3])`` for overlays.
     """
-    mask = prob > threshold
+    mask = mask_of(prob, threshold, postprocess)
     files = {"_mask.png": encode_mask_png(mask)}
     if overlay:
         if image is None:
@@ -232,13 +234,16 @@ class Writers:
         overlay, probability: also write ``_overlay.png`` / ``_prob.png``.
         threads: writer threads.
         qc: per-image quality control (``seg.inference.qc.ImageQC``), or None for none.
+        postprocess: ``seg.postprocess.PostProcess`` applied to every thresholded mask (the
+            identity: none); then masks are always made here, from probabilities.
         max_pending: images queued or being written before ``submit`` blocks (default 4 x
             threads); a job larger than this waits until nothing else is in flight.
     """
 
     def __init__(self, threshold: float, overlay: bool = False, probability: bool = False,
-                 threads: int = 4, max_pending: int | None = None, qc=None):
+                 threads: int = 4, max_pending: int | None = None, qc=None, postprocess=None):
         self.threshold, self.overlay, self.probability, self.qc = threshold, overlay, probability, qc
+        self.postprocess = None if postprocess is None or postprocess.is_identity else postprocess
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="seg-writer")
         self.max_pending = max_pending or 4 * threads
         self.pending = 0  # images queued or being written
@@ -259,9 +264,16 @@ class Writers:
         """(uint8 0/255 masks at the original sizes, foreground counts, uint16 maps or None,
         float32 probabilities at the original sizes or None when the device made the masks)."""
         if b.masks is not None:
+            if self.postprocess is not None:
+                raise RuntimeError("post-processing needs the masks made on the host (device_post off)")
             return b.masks, b.counts, b.prob16, None
         probs = b.probs
-        if isinstance(probs, np.ndarray) and probs.ndim == 3 and all(tuple(s) == probs.shape[1:] for s in b.sizes):
+        if self.postprocess is not None:
+            full = [Predictor.restore(p, s) for p, s in zip(probs, b.sizes)]
+            above = [self.postprocess.apply(p > self.threshold) for p in full]
+            counts = [int(np.count_nonzero(m)) for m in above]
+            masks = [np.multiply(m, np.uint8(255), dtype=np.uint8) for m in above]
+        elif isinstance(probs, np.ndarray) and probs.ndim == 3 and all(tuple(s) == probs.shape[1:] for s in b.sizes):
             full = probs  # already the original size: the whole batch at once
             above = probs > self.threshold
             counts = np.count_nonzero(above.reshape(len(probs), -1), axis=1).tolist()

@@ -10,7 +10,14 @@ Design choices:
   ``train_seconds`` (the training steps), ``data_seconds`` (rank 0's time waiting for the
   next batch, the data loader's share of ``train_seconds``) and ``skipped_samples`` (bad
   training and validation samples skipped in the epoch, all ranks; only with
-  ``data.skip_bad_samples``, else a bad sample stops the run).
+  ``data.skip_bad_samples``, else a bad sample stops the run). With a weight average
+  (``train.ema_decay``) the metric columns are the average's (they select the model) and
+  ``raw_dice`` / ``raw_mean_dice`` / ``raw_val_loss`` are the raw weights'; empty otherwise.
+- ``stability_warnings``: at the end of a run, a line for each validation curve that fell more
+  than ``DROP_WARNING`` below its running best after the warm-up (the warm-up epochs or the
+  first 20 % of the epochs, whichever is longer: the first epochs of any run jump about). A
+  best model picked from a curve like that may be luck; the warning says so instead of
+  letting ``best_model.pth`` hide it.
 - The whole file is rewritten through ``seg.fileio`` after every epoch (a few hundred rows at
   most): a crash never leaves a half-written row, and on resume the rows of epochs that will
   run again are dropped, so every epoch is in the file exactly once.
@@ -26,8 +33,11 @@ from seg.fileio import atomic_write_text
 from seg.metrics import METRIC_NAMES
 
 HISTORY_FILE = "history.csv"
+RAW_COLUMNS = ("raw_dice", "raw_mean_dice", "raw_val_loss")  # filled when a weight average is validated
 COLUMNS = ("epoch", "train_loss", "val_loss", *METRIC_NAMES, "mean_dice", "lr", "seconds", "images_per_s",
-           "train_seconds", "data_seconds", "skipped_samples")
+           "train_seconds", "data_seconds", "skipped_samples", *RAW_COLUMNS)
+DROP_WARNING = 0.1  # validation Dice this far below its running best after the warm-up is reported
+SETTLING_FRACTION = 0.2  # the first epochs not checked for drops, unless the warm-up is longer
 
 
 def read_history(run_dir: str | Path, before_epoch: int | None = None) -> list[dict]:
@@ -61,15 +71,18 @@ def write_history(run_dir: str | Path, rows: list[dict]) -> None:
 
 def epoch_row(epoch: int, train_loss: float, val_loss: float, report: dict, lr: float,
               seconds: float, images: int, train_seconds: float | None = None, data_seconds: float = 0.0,
-              skipped: int = 0) -> dict:
+              skipped: int = 0, raw_report: tuple[dict, float] | None = None) -> dict:
     """One history row from a validation report (``MetricAccumulator.summary()``).
 
     Args:
         seconds: the whole epoch; train_seconds: its training steps (default: ``seconds``);
         images: training images of the epoch, all ranks; data_seconds: time spent waiting for batches;
         skipped: bad samples skipped in the epoch.
+        raw_report: ``(report, val_loss)`` of the raw weights when ``report`` is the weight average's.
     """
     train_seconds = seconds if train_seconds is None else train_seconds
+    raw = {} if raw_report is None else {"raw_dice": raw_report[0]["global"]["dice"],
+                                         "raw_mean_dice": raw_report[0]["mean"]["dice"], "raw_val_loss": raw_report[1]}
     return {
         "epoch": epoch,
         "train_loss": train_loss,
@@ -82,7 +95,49 @@ def epoch_row(epoch: int, train_loss: float, val_loss: float, report: dict, lr: 
         "train_seconds": train_seconds,
         "data_seconds": data_seconds,
         "skipped_samples": skipped,
+        **raw,
     }
+
+
+def largest_drop(values: list[float], start: int) -> tuple[float, int]:
+    """(largest running-best-minus-value over the entries from index ``start`` on, its 1-based index).
+
+    Returns ``(0.0, 0)`` when no entry there is below the running best.
+    """
+    best, drop, where = float("-inf"), 0.0, 0
+    for i, v in enumerate(values):
+        best = max(best, v)
+        if i >= start and best - v > drop:
+            drop, where = best - v, i + 1
+    return drop, where
+
+
+def stability_warnings(rows: list[dict], epochs: int, warmup_epochs: float = 0.0,
+                       threshold: float = DROP_WARNING) -> list[str]:
+    """Warning lines for validation Dice curves that fell more than ``threshold`` below their best.
+
+    Args:
+        rows: the run's history rows (epoch order).
+        epochs: the planned number of epochs (the settling period is a fraction of it).
+        warmup_epochs: epochs of lr warm-up; drops are checked after it and after
+            ``SETTLING_FRACTION`` of ``epochs``, whichever is later.
+    """
+    import math
+
+    start = max(math.ceil(warmup_epochs), math.ceil(SETTLING_FRACTION * epochs))
+    out = []
+    for key, name in (("dice", "validation Dice"), ("raw_dice", "validation Dice of the raw weights")):
+        values = [r[key] for r in rows if key in r]
+        if len(values) != len(rows) or not values:
+            continue
+        drop, where = largest_drop(values, start)
+        if drop > threshold:
+            best = max(values[:where])
+            out.append(f"warning: {name} fell to {values[where - 1]:.4f} at epoch {rows[where - 1]['epoch']}, "
+                       f"{drop:.3f} below its best so far ({best:.4f}), after the first {start} epochs: training "
+                       f"is unstable and the best epoch may be luck (see history.csv and training_history.png; "
+                       f"train.ema_decay, train.warmup_epochs, a lower train.lr or model.norm=group steady it)")
+    return out
 
 
 def summary_line(row: dict, epochs: int, best: bool) -> str:

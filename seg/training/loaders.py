@@ -161,7 +161,8 @@ def train_loader(cfg: Config, spec: DataSpec, epoch: int, rank: int, world_size:
     """
     d, t = cfg.data, cfg.train
     transform = build_train_transform(d.image_size, spec.mean, spec.std, d.in_channels, d.sampling,
-                                      d.augment, seed=augmentation_seed(t.seed, epoch, rank))
+                                      d.augment, seed=augmentation_seed(t.seed, epoch, rank),
+                                      augmentation=d.augmentation, foreground_crop=d.foreground_crop)
     dataset = shard_pipeline(spec.train_urls, transform, split_by_node=True, split_by_worker=True,
                              shuffle_buffer=d.shuffle_buffer, shuffle_shards=True, seed=t.seed,
                              resampled=True, epoch=epoch, rank=rank, world_size=world_size, counts=spec.counts,

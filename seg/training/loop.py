@@ -7,8 +7,12 @@ Design choices:
   epoch's files. Collaborators keep their own concern: ``loaders`` (data), ``validate`` (exact
   metrics), ``checkpoints.RunFolder`` (run-folder files), ``state`` (``last/``, preemption),
   ``history`` (rows and log lines).
-- Adam is fused where supported (``build_optimizer``): on CPU the default foreach Adam took up
-  to a quarter of a 256 px step of the 31M model (docs/BENCHMARKS.md).
+- The optimizer and lr schedule come from ``seg.training.optim`` (fused Adam/AdamW where
+  supported: on CPU the default foreach Adam took up to a quarter of a 256 px step of the 31M
+  model; per-step warm-up + decay, or the per-epoch schedules). With ``train.ema_decay`` an
+  exponential moving average of the weights (``seg.training.ema``) is updated after each
+  optimizer step; validation scores both the average and the raw weights in one pass, and the
+  average is what early stopping, ``best_model.pth`` and ``final_model.pth`` use.
 - ``train_step`` is the whole per-step work (forward under Accelerate's autocast, loss,
   backward, clipping, optimizer step inside ``accelerator.accumulate``) and is shared with the
   benchmark (``tools/bench/train_bench.py``). It makes no host sync: the loss stays a device
@@ -44,11 +48,12 @@ from seg.data.qc_reference import reference_from
 from seg.losses import build_loss
 from seg.model import build_model
 from seg.progress import progress_bar, write_line
-from seg.training import history, loaders, state
+from seg.training import history, loaders, optim, state
 from seg.training.accel import build_accelerator, describe, prepare_model, resolve_mixed_precision, to_device
 from seg.training.checkpoints import RunFolder, checkpoint_names
 from seg.training.provenance import collect_provenance
-from seg.training.validate import validate
+from seg.training.ema import ModelEMA
+from seg.training.validate import validate_models
 
 LOG_EVERY = 10  # progress-bar loss refresh, in steps (each read is a host sync)
 PLOT_SAMPLES = 4
@@ -72,35 +77,19 @@ def train_step(accelerator, model, optimizer, loss_fn, images, masks, grad_clip:
     return loss.detach()
 
 
-def build_scheduler(cfg: Config, optimizer):
-    """None, ReduceLROnPlateau (val Dice, mode max), cosine or poly; stepped once per epoch."""
-    t = cfg.train
-    if t.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
-                                                          patience=t.scheduler_patience)
-    if t.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
-    if t.scheduler == "poly":
-        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=t.epochs, power=0.9)
-    return None
-
-
-def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam, fused (one kernel over all parameters) where the device supports it, else foreach."""
-    try:
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int = 1):
+    """The lr schedule (``seg.training.optim.build_scheduler``)."""
+    return optim.build_scheduler(cfg.train, optimizer, steps_per_epoch)
 
 
 def build_training(cfg: Config, accelerator):
-    """(model, optimizer, loss) prepared by Accelerate: the U-Net (NHWC if set), Adam, the loss."""
+    """(model, optimizer, loss) prepared by Accelerate: the U-Net (NHWC if set), the optimizer, the loss."""
     m, t = cfg.model, cfg.train
-    model = build_model(cfg.data.in_channels, m.base_channels, m.bilinear)
+    model = build_model(cfg.data.in_channels, m.base_channels, m.bilinear, m.norm)
     model = prepare_model(accelerator, model, t.channels_last)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay)
+    optimizer = optim.build_optimizer(model, t.lr, t.weight_decay, t.optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return model, optimizer, build_loss(t.loss, t.bce_weight, t.dice_weight)
+    return model, optimizer, build_loss(t.loss, t.bce_weight, t.dice_weight, t.dice_reduction)
 
 
 def check_resumable(run_dir: Path, cfg: Config) -> None:
@@ -112,8 +101,9 @@ def check_resumable(run_dir: Path, cfg: Config) -> None:
         return
     stored = yaml.safe_load(path.read_text()) or {}
     keys = [("model", k) for k in ModelConfig.__dataclass_fields__] + [("data", "in_channels")]
-    diff = [f"{s}.{k}: {stored.get(s, {}).get(k)!r} -> {getattr(getattr(cfg, s), k)!r}"
-            for s, k in keys if stored.get(s, {}).get(k) != getattr(getattr(cfg, s), k)]
+    defaults = {("model", "norm"): "batch"}  # run folders written before the option existed
+    diff = [f"{s}.{k}: {stored.get(s, {}).get(k, defaults.get((s, k)))!r} -> {getattr(getattr(cfg, s), k)!r}"
+            for s, k in keys if stored.get(s, {}).get(k, defaults.get((s, k))) != getattr(getattr(cfg, s), k)]
     if diff:
         raise ValueError(f"{run_dir}/last/ was trained with another network ({'; '.join(diff)}); pass --no_resume "
                          f"to start over in {run_dir}, or use another --checkpoint_dir")
@@ -161,11 +151,12 @@ class Trainer:
         # augment while this process builds the model (they use no global RNG: seeded generators).
         self._next_loaders = None if self.done else self._start_loaders(self.progress.epoch)
         self.model, self.optimizer, self.loss_fn = build_training(cfg, a)
-        self.scheduler = build_scheduler(cfg, self.optimizer.optimizer)
+        self.scheduler = build_scheduler(cfg, self.optimizer.optimizer, self.plan.steps)
+        self.ema = ModelEMA(a.unwrap_model(self.model), t.ema_decay) if t.ema_decay > 0 else None
         self.resumed_from = None
         if last is not None and not self.done:
             check_resumable(self.run_dir, cfg)
-            loaded = state.load_last(last, a, self.model, self.optimizer, self.scheduler)
+            loaded = state.load_last(last, a, self.model, self.optimizer, self.scheduler, ema=self.ema)
             self.progress = replace(loaded, finished=False, preempted=False)
             self.resumed_from = last
         self.provenance = collect_provenance(self.spec.data_dir, a.num_processes, t.seed,
@@ -260,6 +251,11 @@ class Trainer:
             masks = to_device(masks, a.device, t.channels_last)
             running.loss_sum += train_step(a, self.model, self.optimizer, self.loss_fn, images, masks, t.grad_clip)
             running.count += 1
+            if a.sync_gradients:  # an optimizer step was taken
+                if optim.step_per_batch(self.scheduler):
+                    self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(a.unwrap_model(self.model))
             bar.update(1)
             if a.is_main_process and (i + 1) % LOG_EVERY == 0:
                 elapsed = time.perf_counter() - running.start
@@ -268,41 +264,62 @@ class Trainer:
             if (i + 1) % t.grad_accum == 0 and i + 1 < p.micro and flag.agreed(a):
                 bar.close()
                 saved = replace(running.progress(a, self.progress, epoch, i + 1), preempted=True)
-                state.save_last(self.run_dir, a, self.model, self.optimizer, self.scheduler, saved)
+                state.save_last(self.run_dir, a, self.model, self.optimizer, self.scheduler, saved, ema=self.ema)
                 self.log(f"preempted (signal {flag.signum}) at epoch {epoch + 1} step {i + 1}/{p.micro}: "
                          f"state saved in {self.run_dir / state.LAST}; exiting with {state.PREEMPTED_EXIT_CODE}")
                 return None, None
         bar.close()
+        if self.ema is not None and t.ema_bn_batches > 0:  # after the steps: the epoch's stream goes on
+            self._recalibrate(loader)
         return running, val_batches
 
+    def _recalibrate(self, loader) -> None:
+        """The weight average's BatchNorm statistics from the next ``train.ema_bn_batches`` batches."""
+        t, a = self.cfg.train, self.accelerator
+        if not self.ema.has_batchnorm():
+            return
+
+        def forward(module, images):
+            with a.autocast():
+                module(images)
+
+        batches = (to_device(next(loader)[0], a.device, t.channels_last) for _ in range(t.ema_bn_batches))
+        self.ema.recalibrate_batchnorm(batches, forward, a)
+
     def _end_epoch(self, epoch: int, running: RunningEpoch, val_batches) -> state.Progress:
-        """Validate, schedule, write the epoch's files (rank 0), save ``last/`` (all ranks)."""
+        """Validate, schedule, write the epoch's files (rank 0), save ``last/`` (all ranks).
+
+        With a weight average, the average is validated, selected and saved; the raw weights are
+        validated in the same pass over the batches, for history.csv's raw columns."""
         t, a = self.cfg.train, self.accelerator
         train_seconds = time.perf_counter() - running.start
         train_loss, skipped = running.totals(a)
-        report, val_loss, samples = validate(self.model, val_batches, self.loss_fn, a, t.threshold, t.channels_last,
-                                             expected=self.spec.n_val, keep_samples=PLOT_SAMPLES)
+        kept = self.ema.module if self.ema is not None else self.model
+        scored = validate_models([kept] + ([self.model] if self.ema is not None else []), val_batches, self.loss_fn,
+                                 a, t.threshold, t.channels_last, expected=self.spec.n_val, keep_samples=PLOT_SAMPLES)
+        report, val_loss, samples = scored[0]
         dice, lr = report["global"]["dice"], self.optimizer.param_groups[0]["lr"]
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(dice)
-        elif self.scheduler is not None:
-            self.scheduler.step()
+        optim.step_epoch(self.scheduler, dice)
         new = state.after_epoch(self.progress, epoch, dice, t.epochs, t.early_stopping)
         improved = new.best_epoch == epoch + 1
         row = history.epoch_row(epoch + 1, train_loss, val_loss, report, lr, time.perf_counter() - running.start,
-                                self.plan.images, train_seconds, running.data_seconds, skipped + report["skipped"])
+                                self.plan.images, train_seconds, running.data_seconds, skipped + report["skipped"],
+                                raw_report=scored[1][:2] if self.ema is not None else None)
         if a.is_main_process:
             metrics = {**report["global"], "val_loss": val_loss}
-            self.folder.end_epoch(a.unwrap_model(self.model), row, epoch + 1, metrics,
+            self.folder.end_epoch(a.unwrap_model(kept), row, epoch + 1, metrics,
                                   checkpoint_names(improved, epoch + 1, t.save_every, new.finished), samples,
                                   self.spec.mean, self.spec.std, t.threshold, new.finished)
             write_line(history.summary_line(row, t.epochs, improved))
             if new.stopped_early:
                 write_line(f"early stopping: no val Dice improvement for {new.bad_epochs} epochs "
                            f"(best {new.best_score:.4f})")
+            if new.finished:
+                for warning in history.stability_warnings(self.folder.rows, t.epochs, t.warmup_epochs):
+                    write_line(warning)
         if a.log_with:
             a.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        state.save_last(self.run_dir, a, self.model, self.optimizer, self.scheduler, new)
+        state.save_last(self.run_dir, a, self.model, self.optimizer, self.scheduler, new, ema=self.ema)
         return new
 
 

@@ -43,12 +43,20 @@ def _figure(rows: int, cols: int, size: tuple[float, float]):
 
 
 def plot_history(rows: list[dict], path: str | Path) -> None:
-    """Loss, Dice, IoU and learning-rate curves per epoch from history rows."""
+    """Loss, Dice, IoU and learning-rate curves per epoch from history rows.
+
+    With a weight average (rows with ``raw_dice``) the Dice panel shows both the average's
+    curves (the ones that select the model) and the raw weights' curves.
+    """
     epochs = [r["epoch"] for r in rows]
     fig, axes = _figure(2, 2, (10, 7))
+    dice = [("dice", "global"), ("mean_dice", "per-image mean")]
+    if any("raw_dice" in r for r in rows):
+        dice = [("dice", "global, weight average"), ("mean_dice", "per-image mean, weight average"),
+                ("raw_dice", "global, raw weights"), ("raw_mean_dice", "per-image mean, raw weights")]
     panels = [
         (axes[0, 0], "loss", [("train_loss", "train"), ("val_loss", "validation")]),
-        (axes[0, 1], "Dice (validation)", [("dice", "global"), ("mean_dice", "per-image mean")]),
+        (axes[0, 1], "Dice (validation)", dice),
         (axes[1, 0], "IoU (validation)", [("iou", "global")]),
         (axes[1, 1], "learning rate", [("lr", "lr")]),
     ]

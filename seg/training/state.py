@@ -3,7 +3,8 @@
 Design choices:
 
 - ``last/`` holds everything needed to continue bit-for-bit: ``state.pth`` (model weights,
-  optimizer, scheduler and gradient-scaler state dicts, one RNG record per rank) and
+  optimizer, scheduler and gradient-scaler state dicts, the weight average's when
+  ``train.ema_decay`` is on, one RNG record per rank) and
   ``progress.json`` (epoch, step in epoch, best score, early-stopping counter, the running
   train-loss sums, whether the run has finished). ``state.pth`` holds only tensors and plain
   containers, so it loads with ``torch.load(weights_only=True)``; RNG states are converted to
@@ -132,10 +133,11 @@ def set_rng_record(record: dict) -> None:
         torch.cuda.set_rng_state_all(record["cuda"])
 
 
-def save_last(run_dir: Path, accelerator, model, optimizer, scheduler, progress: Progress) -> None:
+def save_last(run_dir: Path, accelerator, model, optimizer, scheduler, progress: Progress, ema=None) -> None:
     """Write ``run_dir/last/`` atomically (rank 0), all ranks return once it is on disk.
 
-    Every rank must call this (it gathers RNG records and ends with a barrier).
+    Every rank must call this (it gathers RNG records and ends with a barrier). ``ema``: the
+    ``seg.training.ema.ModelEMA`` of the run, or None.
     """
     from accelerate.utils import gather_object
 
@@ -148,6 +150,7 @@ def save_last(run_dir: Path, accelerator, model, optimizer, scheduler, progress:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
             "rng": records,
             "world_size": accelerator.num_processes,
         }
@@ -187,10 +190,12 @@ def read_progress(folder: Path) -> Progress:
     return Progress(**{k: v for k, v in data.items() if k in Progress.__dataclass_fields__})
 
 
-def load_last(folder: Path, accelerator, model, optimizer, scheduler) -> Progress:
-    """Restore model, optimizer, scheduler, scaler and this rank's RNG from ``folder``.
+def load_last(folder: Path, accelerator, model, optimizer, scheduler, ema=None) -> Progress:
+    """Restore model, optimizer, scheduler, scaler, the weight average and this rank's RNG from ``folder``.
 
-    The RNG record of this rank is used when the world size is unchanged, else rank 0's.
+    The RNG record of this rank is used when the world size is unchanged, else rank 0's. An
+    ``ema`` with no average in ``folder`` (the run trained without one) starts from the
+    restored weights.
     """
     folder = Path(folder)
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
@@ -200,6 +205,11 @@ def load_last(folder: Path, accelerator, model, optimizer, scheduler) -> Progres
         scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        else:
+            ema.module.load_state_dict(state["model"])
     records = state["rng"]
     rank = accelerator.process_index
     set_rng_record(records[rank] if len(records) == accelerator.num_processes else records[0])

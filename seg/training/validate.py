@@ -11,6 +11,9 @@ Design choices:
   reduced once. ``val_loss`` is the mean of the per-image losses over unique keys. All ranks
   end with the same report, so early stopping and the lr schedule agree without a broadcast.
 - Rank 0 also returns a few samples (normalised image, mask, probability) for the plot.
+- ``validate_models`` scores several models (the raw weights and their moving average) in one
+  pass over the loader: the batches are read and transformed once, and a streaming loader
+  cannot be replayed anyway.
 """
 
 from __future__ import annotations
@@ -28,25 +31,32 @@ def score_batches(model, loader, loss_fn, accelerator, threshold: float, channel
     """This rank's per-image records ``(key, [tp, fp, fn, tn], loss)``, up to ``keep_samples``
     samples, and the number of bad samples skipped (``data.skip_bad_samples``).
 
+    ``model`` may be a list of models: then a list of ``(records, samples, skipped)``, one per
+    model, from one pass over the loader.
+
     Shape:
         the loader yields ``(float32 (B, C, H, W), float32 (B, 1, H, W), keys, skipped (B,))``.
     """
-    records, samples, skipped_total = [], [], 0
+    models = model if isinstance(model, (list, tuple)) else [model]
+    out = [([], []) for _ in models]
+    skipped_total = 0
     for images, masks, keys, skipped in loader:
         skipped_total += int(skipped.sum())
         images = to_device(images, accelerator.device, channels_last)
         masks = masks.to(accelerator.device, non_blocking=True)
-        with accelerator.autocast():
-            logits = model(images)
-        logits = logits.float()
-        prob = torch.sigmoid(logits)
-        counts = confusion_counts(prob, masks, threshold)
-        losses = [float(loss_fn(logits[i:i + 1], masks[i:i + 1])) for i in range(len(keys))]
-        records.extend((str(k), c.tolist(), l) for k, c, l in zip(keys, counts, losses))
-        for i in range(min(len(keys), keep_samples - len(samples))):
-            samples.append({"key": str(keys[i]), "image": images[i].float().cpu().numpy(),
-                            "mask": masks[i, 0].cpu().numpy(), "prob": prob[i, 0].cpu().numpy()})
-    return records, samples, skipped_total
+        for m, (records, samples) in zip(models, out):
+            with accelerator.autocast():
+                logits = m(images)
+            logits = logits.float()
+            prob = torch.sigmoid(logits)
+            counts = confusion_counts(prob, masks, threshold)
+            losses = [float(loss_fn(logits[i:i + 1], masks[i:i + 1])) for i in range(len(keys))]
+            records.extend((str(k), c.tolist(), l) for k, c, l in zip(keys, counts, losses))
+            for i in range(min(len(keys), keep_samples - len(samples))):
+                samples.append({"key": str(keys[i]), "image": images[i].float().cpu().numpy(),
+                                "mask": masks[i, 0].cpu().numpy(), "prob": prob[i, 0].cpu().numpy()})
+    results = [(records, samples, skipped_total) for records, samples in out]
+    return results if isinstance(model, (list, tuple)) else results[0]
 
 
 def merge_records(all_records: list[tuple[str, list[int], float]], threshold: float) -> tuple[dict, float]:
@@ -75,24 +85,36 @@ def validate(model, loader, loss_fn, accelerator, threshold: float, channels_las
         ``(report, val_loss, samples)``: report as ``MetricAccumulator.summary()`` plus
         ``skipped`` (bad validation samples skipped, all ranks).
     """
+    return validate_models([model], loader, loss_fn, accelerator, threshold, channels_last, expected,
+                           keep_samples)[0]
+
+
+def validate_models(models: list, loader, loss_fn, accelerator, threshold: float, channels_last: bool,
+                    expected: int | None = None, keep_samples: int = 0) -> list[tuple[dict, float, list[dict]]]:
+    """``validate`` for several models in one pass over ``loader``: one ``(report, val_loss, samples)`` each."""
     from accelerate.utils import gather_object
 
-    inner = accelerator.unwrap_model(model)
-    was_training = inner.training
-    inner.eval()
+    inners = [accelerator.unwrap_model(m) for m in models]
+    was_training = [m.training for m in inners]
+    for m in inners:
+        m.eval()
     try:
-        records, samples, skipped = score_batches(inner, loader, loss_fn, accelerator, threshold, channels_last,
-                                                  keep_samples if accelerator.is_main_process else 0)
+        scored = score_batches(inners, loader, loss_fn, accelerator, threshold, channels_last,
+                               keep_samples if accelerator.is_main_process else 0)
     finally:
-        inner.train(was_training)
-    per_rank = gather_object([(records, skipped)]) if accelerator.num_processes > 1 else [(records, skipped)]
-    report, val_loss = merge_records([r for recs, _ in per_rank for r in recs], threshold)
-    report["skipped"] = sum(n for _, n in per_rank)
-    if expected is not None and report["n_images"] + report["skipped"] != expected:
-        raise RuntimeError(f"validation scored {report['n_images']} unique images (+{report['skipped']} skipped) but "
-                           f"dataset.json lists {expected} (duplicate sample keys in the val shards, or shards changed "
-                           "since `seg prepare`)")
-    return report, val_loss, samples
+        for m, mode in zip(inners, was_training):
+            m.train(mode)
+    results = []
+    for records, samples, skipped in scored:
+        per_rank = gather_object([(records, skipped)]) if accelerator.num_processes > 1 else [(records, skipped)]
+        report, val_loss = merge_records([r for recs, _ in per_rank for r in recs], threshold)
+        report["skipped"] = sum(n for _, n in per_rank)
+        if expected is not None and report["n_images"] + report["skipped"] != expected:
+            raise RuntimeError(f"validation scored {report['n_images']} unique images (+{report['skipped']} skipped) "
+                               f"but dataset.json lists {expected} (duplicate sample keys in the val shards, or shards "
+                               "changed since `seg prepare`)")
+        results.append((report, val_loss, samples))
+    return results
 
 
 def run_validation(cfg, model_path: str) -> dict:
@@ -120,7 +142,7 @@ def run_validation(cfg, model_path: str) -> dict:
     spec.mean, spec.std = list(p["mean"]), list(p["std"])
     model = prepare_model(accelerator, model, cfg.train.channels_last)
     loader = loaders.val_loader(cfg, spec, accelerator.process_index, accelerator.num_processes)
-    loss_fn = build_loss(cfg.train.loss, cfg.train.bce_weight, cfg.train.dice_weight)
+    loss_fn = build_loss(cfg.train.loss, cfg.train.bce_weight, cfg.train.dice_weight, cfg.train.dice_reduction)
     report, val_loss, _ = validate(model, loader, loss_fn, accelerator, float(ckpt.get("threshold", 0.5)),
                                    cfg.train.channels_last, expected=spec.n_val)
     report = {**report, "val_loss": val_loss, "model_path": str(model_path)}
