@@ -85,7 +85,7 @@ def test_ema_averages_weights_and_buffers_with_the_ramp():
         model.inc.block[1].running_mean.add_(2.0)
         model.inc.block[1].num_batches_tracked.add_(7)
     ema.update(model)
-    d = min(0.9, 2 / 11)  # the ramp after one update
+    d = min(0.9, 1 / 5)  # the ramp after one update: n / (n + 4)
     avg = ema.module.state_dict()
     w = "inc.block.0.weight"
     assert torch.allclose(avg[w], start[w] + (1 - d) * 1.0, atol=1e-6)
@@ -128,6 +128,9 @@ def test_stability_warnings_name_the_curve_and_epoch():
             enumerate(zip([0.2, 0.9, 0.92, 0.93, 0.94], [0.1, 0.9, 0.5, 0.93, 0.94]))]
     out = history.stability_warnings(rows, epochs=5)
     assert len(out) == 1 and "raw weights fell to 0.5000 at epoch 3, 0.400 below its best so far (0.9000)" in out[0]
+    assert out[0].startswith("note: ") and "the weight average, which is validated and saved, stayed" in out[0]
+    both = [dict(r, dice=r["raw_dice"]) for r in rows]  # the selecting curve fell too: two warnings
+    assert [line.split(":")[0] for line in history.stability_warnings(both, epochs=5)] == ["warning", "warning"]
     assert history.stability_warnings(rows, epochs=5, warmup_epochs=3) == []  # the drop is inside the warm-up
     steady = [{"epoch": i + 1, "dice": 0.5 + 0.01 * i} for i in range(10)]
     assert history.stability_warnings(steady, epochs=10) == []

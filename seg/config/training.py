@@ -65,7 +65,7 @@ class DataConfig:
     augment: bool = True
     """Augment training images (flips, 90-degree rotations, affine, intensity); see ``augmentation``."""
 
-    augmentation: Literal["standard", "strong"] = "standard"
+    augmentation: Literal["standard", "strong"] = "strong"
     """With augment on: 'standard' (scale 0.9-1.1, rotation 15 degrees, brightness/contrast 0.2)
     or 'strong' (scale 0.7-1.4, rotation 30 degrees, gamma 0.7-1.5, brightness/contrast 0.3,
     blur): robustness to structures smaller or larger and to contrast unlike the training set."""
@@ -143,7 +143,7 @@ class TrainConfig:
     dice_weight: float = 0.5
     """Weight of soft Dice in the combined loss."""
 
-    dice_reduction: Literal["batch", "image"] = "batch"
+    dice_reduction: Literal["batch", "image"] = "image"
     """Soft Dice 'batch' (pooled over the batch) or 'image' (mean over the images with foreground:
     small structures count as much as large ones)."""
 
@@ -160,7 +160,7 @@ class TrainConfig:
     with 'cosine' and 'poly' the decay then runs per step over the remaining steps. Not with
     'plateau'."""
 
-    ema_decay: float = 0.0
+    ema_decay: float = 0.999
     """Exponential moving average of the weights (0 turns it off): validation, best/final model
     files and early stopping use the averaged weights; the raw weights are validated too and both
     curves go to history.csv. Per-step decay, ramped up over the first steps as (1+n)/(10+n)."""

@@ -114,7 +114,12 @@ def largest_drop(values: list[float], start: int) -> tuple[float, int]:
 
 def stability_warnings(rows: list[dict], epochs: int, warmup_epochs: float = 0.0,
                        threshold: float = DROP_WARNING) -> list[str]:
-    """Warning lines for validation Dice curves that fell more than ``threshold`` below their best.
+    """Lines about validation Dice curves that fell more than ``threshold`` below their best.
+
+    The curve that selects the model (``dice``) gets a ``warning:``. With a weight average the
+    raw weights' curve (``raw_dice``) is reported as a ``note:`` when the average stayed steady
+    (the average did its job; the raw swings say the learning rate is high), and as a warning
+    alongside when both fell.
 
     Args:
         rows: the run's history rows (epoch order).
@@ -125,18 +130,24 @@ def stability_warnings(rows: list[dict], epochs: int, warmup_epochs: float = 0.0
     import math
 
     start = max(math.ceil(warmup_epochs), math.ceil(SETTLING_FRACTION * epochs))
-    out = []
+    out, selected_fell = [], False
     for key, name in (("dice", "validation Dice"), ("raw_dice", "validation Dice of the raw weights")):
         values = [r[key] for r in rows if key in r]
         if len(values) != len(rows) or not values:
             continue
         drop, where = largest_drop(values, start)
-        if drop > threshold:
-            best = max(values[:where])
-            out.append(f"warning: {name} fell to {values[where - 1]:.4f} at epoch {rows[where - 1]['epoch']}, "
-                       f"{drop:.3f} below its best so far ({best:.4f}), after the first {start} epochs: training "
-                       f"is unstable and the best epoch may be luck (see history.csv and training_history.png; "
-                       f"train.ema_decay, train.warmup_epochs, a lower train.lr or model.norm=group steady it)")
+        if drop <= threshold:
+            continue
+        fell = (f"{name} fell to {values[where - 1]:.4f} at epoch {rows[where - 1]['epoch']}, {drop:.3f} below "
+                f"its best so far ({max(values[:where]):.4f}), after the first {start} epochs")
+        if key == "dice" or selected_fell:
+            selected_fell = True
+            out.append(f"warning: {fell}: training is unstable and the best epoch may be luck (see history.csv and "
+                       "training_history.png; train.ema_decay, train.warmup_epochs, a lower train.lr or "
+                       "model.norm=group steady it)")
+        else:
+            out.append(f"note: {fell}; the weight average, which is validated and saved, stayed within "
+                       f"{threshold:g} of its best")
     return out
 
 
