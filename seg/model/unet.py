@@ -5,7 +5,7 @@ base width 64), transposed-convolution upsampling with concatenated skips, a 1x1
 to one channel of logits. 31.0M parameters at width 64; ``bilinear=True`` upsamples
 bilinearly and halves the bottleneck (17.3M), as Pytorch-UNet does.
 
-``norm`` chooses the normalisation after each convolution: ``"batch"`` (the seed's BatchNorm),
+``norm`` chooses the normalisation after each convolution: ``"batch"`` (BatchNorm, as in the original U-Net scripts),
 ``"group"`` (GroupNorm, ``GROUPS`` groups or fewer where the width is not a multiple) or
 ``"instance"`` (InstanceNorm with affine parameters). GroupNorm/InstanceNorm compute the same
 statistics in training and evaluation (those of the image itself), so a model cannot be good

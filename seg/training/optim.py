@@ -2,7 +2,7 @@
 
 Design choices:
 
-- ``build_optimizer``: Adam (weight decay as L2 in the gradient, the seed's), AdamW (decoupled
+- ``build_optimizer``: Adam (weight decay as L2 in the gradient, as before these options), AdamW (decoupled
   weight decay, which does not shrink with Adam's per-parameter scaling) and SGD (momentum 0.9,
   Nesterov). Fused kernels where the device has them: on the project's 2-core CPU the fused
   Adam step over the 31M parameters measured 2-3x faster than the default multi-tensor one.
