@@ -13,22 +13,11 @@ import torch
 
 from seg.checkpoint import load_checkpoint, save_checkpoint
 from seg.data.io import read_image
-from seg.data.sharding import prepare_dataset
-from seg.data.synthetic import make_demo_dataset
 from seg.evaluate import main as evaluate_main
 from seg.inference.engine import Predictor
 from seg.postprocess import PostProcess, mask_of
 from seg.predict import main as predict_main
-from test_evaluate_model import tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pp")
-    make_demo_dataset(root / "raw", n=10, size=40, seed=5)
-    prepare_dataset(images=root / "raw" / "images", masks=root / "raw" / "masks", out=root / "shards",
-                    val_split=0.5, shard_size=2, workers=1, progress=False)
-    return root, tiny_checkpoint(root / "model.pth")
+from test_evaluate_model import labelled  # noqa: F401 (the shared fixture: demo shards + a tiny model)
 
 
 def _evaluate(root, ckpt, out, *extra) -> dict:

@@ -268,19 +268,16 @@ class Writers:
                 raise RuntimeError("post-processing needs the masks made on the host (device_post off)")
             return b.masks, b.counts, b.prob16, None
         probs = b.probs
-        if self.postprocess is not None:
-            full = [Predictor.restore(p, s) for p, s in zip(probs, b.sizes)]
-            above = [self.postprocess.apply(p > self.threshold) for p in full]
-            counts = [int(np.count_nonzero(m)) for m in above]
-            masks = [np.multiply(m, np.uint8(255), dtype=np.uint8) for m in above]
-        elif isinstance(probs, np.ndarray) and probs.ndim == 3 and all(tuple(s) == probs.shape[1:] for s in b.sizes):
+        whole_batch = isinstance(probs, np.ndarray) and probs.ndim == 3 and all(
+            tuple(s) == probs.shape[1:] for s in b.sizes)
+        if whole_batch and self.postprocess is None:
             full = probs  # already the original size: the whole batch at once
             above = probs > self.threshold
             counts = np.count_nonzero(above.reshape(len(probs), -1), axis=1).tolist()
             masks = np.multiply(above, np.uint8(255), dtype=np.uint8)
-        else:
+        else:  # per image: resized back, thresholded, post-processed
             full = [Predictor.restore(p, s) for p, s in zip(probs, b.sizes)]
-            above = [p > self.threshold for p in full]
+            above = [mask_of(p, self.threshold, self.postprocess) for p in full]
             counts = [int(np.count_nonzero(m)) for m in above]
             masks = [np.multiply(m, np.uint8(255), dtype=np.uint8) for m in above]
         return masks, counts, [probability_u16(p) for p in full] if self.probability else None, full
