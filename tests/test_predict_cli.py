@@ -213,6 +213,24 @@ def test_other_checkpoint_is_refused_unless_overwrite(tmp_path, ckpt, capsys):
     assert run("--summarize", out) == 0
 
 
+def test_other_mask_settings_are_refused_on_resume(tmp_path, ckpt, capsys):
+    """A folder started with one threshold is not finished with another (nor post-processing, TTA)."""
+    make_cohort(tmp_path / "in", n=2)
+    out = tmp_path / "out"
+    args = ("--model_path", ckpt, "--image_dir", tmp_path / "in", "--output_dir", out, "--num_workers", 0)
+    assert run(*args) == 0
+    assert all(r["mask_settings"]["threshold"] == 0.5 for r in read_manifest(out).values())
+    capsys.readouterr()
+    assert run(*args, "--threshold", 0.7) == 2
+    err = capsys.readouterr().err
+    assert "never mixes two ways of making masks" in err and '"threshold":0.7' in err
+    assert run(*args, "--tta") == 2
+    assert run(*args) == 0  # the first settings resume (nothing to do)
+    assert run(*args, "--threshold", 0.7, "--overwrite") == 0
+    assert {r["mask_settings"]["threshold"] for r in read_manifest(out).values()} == {0.7}
+    assert run("--summarize", out) == 0
+
+
 def test_tiles_for_large_images_from_patch_checkpoint(tmp_path):
     ck = make_checkpoint(tmp_path / "patch.pth", image_size=32, sampling="patch")
     write_image(tmp_path / "in/big.png", random_image(150, 97))

@@ -106,6 +106,21 @@ def test_other_model_is_refused_unless_overwrite(tmp_path):
     assert (tmp_path / f"manifest.jsonl.replaced-{'a' * 12}").is_file()
 
 
+def test_other_mask_settings_are_refused_unless_overwrite(tmp_path):
+    first = {"threshold": 0.5, "postprocess": {"fill_holes": True, "min_size": 0, "keep_largest": 0}, "tta": False,
+             "mode": "resize"}
+    append_lines(tmp_path / "manifest.jsonl", [{"unit": "u0", "model_sha256": "a" * 64, "mask_settings": first},
+                                                {"unit": "u1", "model_sha256": "a" * 64}])  # a line from before
+    check_model(tmp_path, "a" * 64, settings=dict(first))
+    plain = {**first, "postprocess": {"fill_holes": False, "min_size": 0, "keep_largest": 0}}
+    with pytest.raises(ManifestError, match="never mixes two ways of making masks.*--postprocess"):
+        check_model(tmp_path, "a" * 64, settings=plain)
+    with pytest.raises(ManifestError, match="threshold.*0.6"):
+        check_model(tmp_path, "a" * 64, settings={**first, "threshold": 0.6})
+    check_model(tmp_path, "a" * 64, overwrite=True, settings=plain)
+    assert read_manifest(tmp_path) == {}
+
+
 def test_changed_inputs_are_caught():
     record = {"unit": "files-000000", "images": [{"input": "a.png"}], "failed": [{"input": "b.png"}]}
     check_unit_inputs(record, ["b.png", "a.png"])

@@ -185,7 +185,7 @@ class Predictor:
 
     Attributes:
         options, threshold, postprocess (``seg.postprocess.PostProcess``, applied to masks by the
-        callers: writers, evaluation), sha256 (of the checkpoint file, or of the weights for a dict),
+        callers: writers, evaluation), mask_settings (both, with TTA and tiling), sha256 (of the checkpoint file, or of the weights for a dict),
         preprocess, mode ('resize' | 'tile'), tile_size, device, precision ('bf16', 'fp16',
         'fp32'), autocast_dtype.
     """
@@ -221,6 +221,16 @@ class Predictor:
         model = cast_for_autocast(fold_batchnorm(build_from_checkpoint(ckpt)).to(self.device), self.autocast_dtype)
         self.model = model.to(memory_format=torch.channels_last).eval()
         self._flip_dice: list[np.ndarray] = []
+
+    @property
+    def mask_settings(self) -> dict:
+        """What decides a mask besides the weights: threshold, post-processing, TTA and tiling
+        (recorded per unit in the manifest; a folder never mixes two of them)."""
+        settings = {"threshold": self.threshold, "postprocess": self.postprocess.to_dict(), "tta": self.tta,
+                    "mode": self.mode}
+        if self.mode == "tile":
+            settings.update(tile_size=self.tile_size, tile_overlap=self.tile_overlap)
+        return settings
 
     def pop_flip_dice(self) -> np.ndarray | None:
         """Flip agreement (``seg.inference.tta``) of every network input forwarded since the last

@@ -6,17 +6,23 @@ Design choices:
   into place), so a line always describes files that exist. A line holds the unit id and index,
   the number of units, its inputs (``images``: input, output, foreground fraction; ``failed``:
   inputs that could not be read), the tar name for ``--format tar``, the model checkpoint's
-  SHA-256, seconds, worker and host.
+  SHA-256, the mask settings, seconds, worker and host.
 - Many processes append to the same files (torchrun ranks, array tasks, on several nodes over a
   shared file system): each append takes an exclusive ``fcntl.flock`` on ``.manifest.lock``
   beside the manifest, writes the whole line with one ``write``, then flushes and fsyncs.
   Readers skip a line that does not parse (a truncated last line from a crash mid-write) and
   keep the first line of each unit id (a unit can only be appended twice by a crash between
   its write and the next run's read, and both lines describe the same outputs).
-- A folder holds the outputs of one model. A run whose checkpoint SHA-256 differs from the
-  manifest's is refused (the error names both) unless ``--overwrite``, which sets the old
-  records aside (``manifest.jsonl.replaced-SHA12``) under the lock so that every unit is redone
-  with the new model; output files of the old model are then replaced as their units finish.
+- A folder holds the outputs of one model made one way. A run whose checkpoint SHA-256 differs
+  from the manifest's is refused (the error names both) unless ``--overwrite``, which sets the
+  old records aside (``manifest.jsonl.replaced-SHA12``) under the lock so that every unit is
+  redone with the new model; output files of the old model are then replaced as their units
+  finish. The same holds for the settings that decide a mask from the same weights
+  (``mask_settings``: threshold, post-processing, TTA, tiling; ``Predictor.mask_settings``):
+  resuming a folder with ``--postprocess none`` where the first run applied the checkpoint's
+  post-processing, or with another ``--threshold``, would otherwise mix two kinds of masks in
+  one cohort without a trace. Precision and batch size are not part of it: a resumed array
+  task may land on another kind of node.
 - ``summarize`` merges and validates the manifest for ``seg predict --summarize OUT`` (the
   afterok job of a Slurm array): units finished out of planned, images, failures, foreground
   statistics, models, and every listed output present.
@@ -98,22 +104,39 @@ def read_manifest(out_dir: Path) -> dict[str, dict]:
     return units
 
 
-def check_model(out_dir: Path, sha256: str, overwrite: bool = False) -> None:
-    """Refuse a folder holding another model's results, or set them aside with ``overwrite``."""
+def _settings_text(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"))
+
+
+def check_model(out_dir: Path, sha256: str, overwrite: bool = False, settings: dict | None = None) -> None:
+    """Refuse a folder holding another model's results, or masks made with other ``settings``
+    (``mask_settings`` of its lines; lines without them are not compared), or set them aside
+    with ``overwrite``."""
     out_dir = Path(out_dir)
     with locked(out_dir):
         manifest = out_dir / MANIFEST
-        others = sorted({r.get("model_sha256") for r in read_lines(manifest)} - {sha256, None})
-        if not others:
+        records = read_lines(manifest)
+        others = sorted({r.get("model_sha256") for r in records} - {sha256, None})
+        changed = [] if settings is None else sorted(
+            {_settings_text(r["mask_settings"]) for r in records if isinstance(r.get("mask_settings"), dict)}
+            - {_settings_text(settings)})
+        if not others and not changed:
             return
         if not overwrite:
+            if others:
+                raise ManifestError(
+                    f"{manifest} holds predictions of model sha256 {', '.join(others)}, but this run's checkpoint "
+                    f"has sha256 {sha256}; a cohort never mixes models. Use another --output_dir, or pass "
+                    "--overwrite to redo every unit with this checkpoint")
             raise ManifestError(
-                f"{manifest} holds predictions of model sha256 {', '.join(others)}, but this run's checkpoint "
-                f"has sha256 {sha256}; a cohort never mixes models. Use another --output_dir, or pass "
-                "--overwrite to redo every unit with this checkpoint")
+                f"{manifest} holds masks made with {'; '.join(changed)}, but this run makes them with "
+                f"{_settings_text(settings)}; a cohort never mixes two ways of making masks. Rerun with the first "
+                "run's --threshold / --postprocess / --tta / --tile_size, use another --output_dir, or pass "
+                "--overwrite to redo every unit this way")
+        tag = (others[0] if others else sha256)[:12]
         for name in (MANIFEST, FAILURES):
             if (out_dir / name).exists():
-                os.replace(out_dir / name, out_dir / f"{name}.replaced-{others[0][:12]}")
+                os.replace(out_dir / name, out_dir / f"{name}.replaced-{tag}")
 
 
 def check_unit_inputs(record: dict, sources: list[str] | None) -> None:

@@ -158,6 +158,7 @@ class CohortRun:
         record = {"unit": unit.id, "index": unit.index, "num_units": len(self.all_units), "kind": unit.kind,
                   "shard": unit.sources[0] if unit.kind == "shard" else None, "format": self.cfg.format, "tar": tar,
                   "images": images, "failed": failed, "model_sha256": self.p.sha256,
+                  "mask_settings": self.p.mask_settings,
                   "seconds": round(time.perf_counter() - state.started, 3), "worker": self.worker,
                   "num_workers": self.num_workers, "host": socket.gethostname(), "pid": os.getpid(),
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -265,12 +266,14 @@ class CohortRun:
 
     def plan(self) -> tuple[list[Unit], list[dict]]:
         """(units to do, manifest records of this worker's finished units)."""
-        check_model(self.out_dir, self.p.sha256, self.cfg.overwrite)
+        settings = self.p.mask_settings
+        check_model(self.out_dir, self.p.sha256, self.cfg.overwrite, settings)
         finished = read_manifest(self.out_dir)
         todo, skipped = [], []
         for unit in units_for_worker(self.all_units, self.worker, self.num_workers):
             record = finished.get(unit.id)
-            if record is not None and record.get("model_sha256") == self.p.sha256:
+            if (record is not None and record.get("model_sha256") == self.p.sha256
+                    and record.get("mask_settings", settings) == settings):
                 check_unit_inputs(record, list(unit.sources) if unit.kind == "files" else None)
                 skipped.append(record)
             else:
