@@ -30,7 +30,9 @@ Design choices:
 - Start-up overlap: the first epoch's training and validation loaders (their worker
   processes) start before the model is built, so data loading, albumentations' import in the
   workers and the first batches run while this process imports and builds; every epoch's
-  validation workers prefetch during the training steps.
+  validation workers prefetch during the training steps. Once the model is built, this process
+  imports albumentations itself (``loaders.preload_for_workers``), so the workers forked for
+  later epochs inherit it.
 - Rank 0 writes every shared file; other ranks only join the collectives (gathers, barriers).
 
 The default recipe, and why (``seg.config.training``; measured by
@@ -181,6 +183,7 @@ class Trainer:
         # augment while this process builds the model (they use no global RNG: seeded generators).
         self._next_loaders = None if self.done else self._start_loaders(self.progress.epoch)
         self.model, self.optimizer, self.loss_fn = build_training(cfg, a)
+        loaders.preload_for_workers()  # after the first epoch's workers started: they import on their own
         self.scheduler = build_scheduler(cfg, self.optimizer.optimizer, self.plan.steps)
         self.ema = ModelEMA(a.unwrap_model(self.model), t.ema_decay) if t.ema_decay > 0 else None
         self.resumed_from = None
