@@ -66,9 +66,9 @@ class DataConfig:
     """Augment training images (flips, 90-degree rotations, affine, intensity); see ``augmentation``."""
 
     augmentation: Literal["standard", "strong"] = "strong"
-    """With augment on: 'standard' (scale 0.9-1.1, rotation 15 degrees, brightness/contrast 0.2)
-    or 'strong' (scale 0.7-1.4, rotation 30 degrees, gamma 0.7-1.5, brightness/contrast 0.3,
-    blur): robustness to structures smaller or larger and to contrast unlike the training set."""
+    """With augment on: 'standard' (scale 0.9-1.1, rotation 15 degrees) or 'strong' (scale
+    0.7-1.4, rotation 30 degrees: robustness to structures smaller or larger than in the training
+    set); both with brightness/contrast 0.2 and faint noise."""
 
     foreground_crop: float = 0.0
     """sampling='patch' only: probability that a training crop is placed to contain foreground
@@ -124,8 +124,9 @@ class TrainConfig:
     batch_size: int = _flag(8)
     """Images per step on each rank (global batch = batch_size x world size x grad_accum)."""
 
-    lr: float = _flag(1e-3)
-    """Peak learning rate (after warm-up)."""
+    lr: float = _flag(3e-4)
+    """Peak learning rate (after warm-up). 3e-4: with Adam and BatchNorm at 1e-3 the raw weights'
+    validation Dice swung by up to 0.9 between epochs on real images (docs/BENCHMARKS.md)."""
 
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     """'adam' (weight decay as L2 in the gradient), 'adamw' (decoupled weight decay) or 'sgd'
@@ -163,7 +164,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     """Exponential moving average of the weights (0 turns it off): validation, best/final model
     files and early stopping use the averaged weights; the raw weights are validated too and both
-    curves go to history.csv. Per-step decay, ramped up over the first steps as (1+n)/(10+n)."""
+    curves go to history.csv. Per-step decay, ramped up as n/(n+4) after n steps (an averaging
+    window of a quarter of the steps so far) until it reaches this value."""
 
     ema_bn_batches: int = 8
     """With ema_decay and BatchNorm: training batches over which the average's BatchNorm

@@ -5,9 +5,10 @@ Design choices (what each policy holds, and why, is in ``seg.data.transforms``' 
 - ``augmentations(policy)``: 'standard' or 'strong', for images scaled to [0, 1]. Every
   geometric step uses nearest neighbour and fill 0 for masks, so masks stay binary and aligned.
 - ``volume_augmentations(policy)``: for z-scored volume slices, whose values are not in [0, 1]:
-  the policy's geometric steps (and blur), then ``ZScoreIntensity`` (contrast, shift and noise
+  the policy's geometric steps, then ``ZScoreIntensity`` (contrast, shift and noise
   in z-score units, never clipped) in place of the intensity steps, which assume [0, 1].
-- albumentations is imported on first use (DataLoader workers import it, the CLI does not).
+- albumentations is imported on first use (DataLoader workers, or the trainer once its model is
+  built: ``seg.training.loaders.preload_for_workers``; the CLI does not).
 """
 
 from __future__ import annotations
@@ -32,10 +33,8 @@ def augmentations(policy: str = "standard") -> list["A.BasicTransform"]:
             A.Affine(scale=(0.7, 1.4), keep_ratio=True, balanced_scale=True, translate_percent=(-0.1, 0.1),
                      rotate=(-30, 30), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.7),
-            A.RandomGamma(gamma_limit=(70, 150), p=0.5),
-            A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.5),
-            A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.0), p=0.15),
-            A.GaussNoise(std_range=(0.01, 0.05), p=0.2),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+            A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
         ]
     if policy != "standard":
         raise ValueError(f"augmentation={policy!r} is not valid; valid options are {', '.join(AUGMENTATIONS)}")
@@ -85,11 +84,11 @@ def _zscore_intensity_class() -> type:
     return ZScoreIntensity
 
 
-_INTENSITY_STEPS = ("RandomBrightnessContrast", "GaussNoise", "RandomGamma")  # for [0, 1] images only
+_INTENSITY_STEPS = ("RandomBrightnessContrast", "GaussNoise")  # for [0, 1] images only
 
 
 def volume_augmentations(policy: str = "standard") -> list["A.BasicTransform"]:
-    """The training augmentations of volume slices: ``augmentations(policy)``' geometric steps (and
-    blur), then ``ZScoreIntensity`` in place of the intensity steps, which assume [0, 1] images."""
+    """The training augmentations of volume slices: ``augmentations(policy)``' geometric steps,
+    then ``ZScoreIntensity`` in place of the intensity steps, which assume [0, 1] images."""
     geometric = [t for t in augmentations(policy) if type(t).__name__ not in _INTENSITY_STEPS]
     return geometric + [_zscore_intensity_class()()]

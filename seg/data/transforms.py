@@ -28,10 +28,11 @@ Design choices:
   ``augment=False``). ``standard``: flips, 90-degree rotations, a small affine (scale 0.9-1.1,
   shift 6%, rotation 15 degrees), brightness/contrast +-0.2 and faint Gaussian noise.
   ``strong``: the same flips, an affine with scale 0.7-1.4 (shrinking and growing equally
-  likely: ``balanced_scale``), shift 10%, rotation 30 degrees, applied to 70% of images; gamma
-  0.7-1.5, brightness/contrast +-0.3, a slight blur and noise. A test set whose structures are
-  smaller or larger, or whose contrast differs, than the training set's is then inside the
-  training distribution.
+  likely: ``balanced_scale``), shift 10%, rotation 30 degrees, applied to 70% of images, and
+  the standard intensity steps. A test set whose structures are smaller or larger than the
+  training set's is then inside the training distribution. Stronger intensity steps (gamma
+  0.7-1.5, brightness/contrast +-0.3, blur) were measured and dropped: on the stardist nuclei
+  tiles they cost 0.03 per-image Dice (docs/BENCHMARKS.md).
 - ``foreground_crop`` (patch sampling only): that fraction of training crops is placed to
   contain mask foreground (albumentations' ``CropNonEmptyMaskIfExists``; a uniform crop for an
   image without any), the rest are uniform random crops.

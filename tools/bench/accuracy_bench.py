@@ -29,6 +29,12 @@ task; the difference gives CPU seconds per epoch, the rest is start-up; each rec
 the number of epochs that fits the budget (so schedules know their length). The CPU seconds
 and wall-clock each run took are reported with the load average.
 
+Run one benchmark at a time, on a machine without other heavy jobs. ``seg train`` computes in
+bf16 on a CPU with AMX (the ``auto`` precision), and the AMX unit is shared: two benchmark
+streams side by side took ``seg train``'s nuclei epoch from 6.2 to 22 CPU s while the fp32
+reference went from about 10 to 10.8, so concurrent runs measure the contention, not the
+recipes (CPU time under contention is not work done).
+
 The kept model predicts the test images with ``seg predict --precision fp32`` (the recipes'
 weights are compared, not inference precision) and ``seg evaluate --pred_dir --gt_dir``
 scores them. Per run: per-image mean Dice, pooled Dice, the worst image's Dice, test images
