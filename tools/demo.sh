@@ -27,12 +27,15 @@ else
 fi
 
 step "3/5 seg train ($EPOCHS epochs, U-Net width 16 at ${SIZE}px, bf16 on CPU) -> $DEMO/run"
-# The code defaults (bf16 autocast, channels_last, Adam 1e-3, BCE + per-image Dice, plateau
-# schedule, weight average) with a smaller network and input so that it finishes in minutes on a
-# 2-core CPU, and the standard augmentation: the synthetic images have no scale or contrast shift
-# between training and validation for the strong one to cover, only more epochs to pay for it.
+# The code defaults (bf16 autocast, channels_last, Adam, BCE + per-image Dice, plateau schedule,
+# weight average) with a smaller network and input so that it finishes in minutes on a 2-core
+# CPU; the standard augmentation, because the synthetic images have no scale shift between
+# training and validation for the strong one to cover; and Adam at 1e-3 instead of the default
+# 3e-4, which real images need for stable epochs (seg/training/loop.py) but which reached
+# validation Dice 0.963 instead of 0.978 in these 16 epochs of easy synthetic data.
 seg train --data_dir "$DEMO/shards" --checkpoint_dir "$DEMO/run" --epochs "$EPOCHS" --batch_size 8 \
-  --image_size "$SIZE" --num_workers 2 model.base_channels=16 train.save_every=0 data.augmentation=standard
+  --image_size "$SIZE" --num_workers 2 model.base_channels=16 train.save_every=0 data.augmentation=standard \
+  --lr 1e-3
 
 step "4/5 seg predict on the validation shards -> $DEMO/predictions"
 seg predict --model_path "$DEMO/run/best_model.pth" --shards "$DEMO/shards/val-*.tar" \
