@@ -55,6 +55,9 @@ def test_torchrun_two_processes(shards, tmp_path):
     assert "2 process(es)" in proc.stdout and "backend gloo" in proc.stdout
     assert [r["epoch"] for r in history.read_history(tmp_path / "run")] == [1, 2]
     assert torch.load(tmp_path / "run" / "final_model.pth", weights_only=True)["provenance"]["world_size"] == 2
+    # the post-processing was chosen on every validation image, gathered from both ranks, once
+    tuned = torch.load(tmp_path / "run" / "best_model.pth", weights_only=True)["postprocess_tuning"]
+    assert tuned["n_images"] == shards[1]["splits"]["val"]["count"] and proc.stdout.count("validation images (") == 1
 
 
 def test_accelerate_launch_two_cpu_processes(shards, tmp_path):

@@ -203,6 +203,12 @@ class TrainConfig:
     threshold: float = 0.5
     """Probability threshold for validation metrics and stored in the model checkpoint."""
 
+    tune_postprocessing: bool = _flag(True, flag="--no_tune_postprocessing")
+    """At the end of training, choose best_model.pth's threshold and post-processing (hole
+    filling, largest components; minimum sizes with patch sampling) on the validation set, for
+    seg predict to apply by default (seg.training.tuning). Off: the checkpoint keeps
+    train.threshold and no post-processing."""
+
     resume: bool = _flag(True, flag="--no_resume")
     """Continue from <checkpoint_dir>/last/ when it exists."""
 

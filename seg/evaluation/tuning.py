@@ -57,7 +57,7 @@ def tune_and_save(tuning: dict[str, dict], checkpoint: dict, model_threshold: fl
              "dice": float(choice["dice"]), "baseline_dice": float(choice["baseline_dice"]),
              "objective": OBJECTIVE, "n_images": int(choice["n_images"])}
     tuned = {**checkpoint, "threshold": entry["threshold"], "postprocess": entry["postprocess"],
-             "postprocess_tuning": dict(entry)}
+             "postprocess_tuning": {**entry, "chosen_by": "seg evaluate"}}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(tuned, path)
     return {**entry, "tuned_model_path": str(path)}

@@ -33,6 +33,8 @@ Design choices:
   validation workers prefetch during the training steps. Once the model is built, this process
   imports albumentations itself (``loaders.preload_for_workers``), so the workers forked for
   later epochs inherit it.
+- After the last epoch (the run already marked finished in ``last/``), ``seg.training.tuning``
+  chooses ``best_model.pth``'s threshold and post-processing on the validation set.
 - Rank 0 writes every shared file; other ranks only join the collectives (gathers, barriers).
 
 The default recipe, and why (``seg.config.training``; measured by
@@ -90,7 +92,7 @@ from seg.data.qc_reference import reference_from
 from seg.losses import build_loss
 from seg.model import build_model
 from seg.progress import progress_bar, write_line
-from seg.training import history, loaders, optim, state
+from seg.training import history, loaders, optim, state, tuning
 from seg.training.accel import build_accelerator, describe, prepare_model, resolve_mixed_precision, to_device
 from seg.training.checkpoints import RunFolder, checkpoint_names
 from seg.training.provenance import collect_provenance
@@ -219,6 +221,8 @@ class Trainer:
             p = self.progress
             self.log(f"{self.run_dir} has finished ({p.epoch} epochs{', stopped early' if p.stopped_early else ''}); "
                      "nothing to do. Pass --no_resume to train again from scratch, or raise --epochs.")
+            if t.tune_postprocessing and tuning.needs_tuning(self.run_dir):  # a crash came between the two
+                tuning.tune_best_model(self.cfg, self.spec, a, self.run_dir, self.log)
             return 0
         self._start()
         flag = state.PreemptionFlag().install()
@@ -236,6 +240,8 @@ class Trainer:
                     self.log(f"preempted (signal {flag.signum}) after epoch {epoch + 1}: state saved; "
                              f"exiting with {state.PREEMPTED_EXIT_CODE}")
                     return state.PREEMPTED_EXIT_CODE
+            if self.progress.finished and t.tune_postprocessing:
+                tuning.tune_best_model(self.cfg, self.spec, a, self.run_dir, self.log)
         finally:
             flag.restore()
             if a.log_with:

@@ -36,8 +36,14 @@ reference went from about 10 to 10.8, so concurrent runs measure the contention,
 recipes (CPU time under contention is not work done).
 
 The kept model predicts the test images with ``seg predict --precision fp32`` (the recipes'
-weights are compared, not inference precision) and ``seg evaluate --pred_dir --gt_dir``
-scores them. Per run: per-image mean Dice, pooled Dice, the worst image's Dice, test images
+weights are compared, not inference precision), with the threshold and post-processing its
+checkpoint carries (``seg train`` chooses them on the validation images at the end of
+training, ``train.tune_postprocessing``; the reference keeps 0.5), and
+``seg evaluate --pred_dir --gt_dir`` scores them. ``--retune`` gives runs that finished before
+``seg train`` made that choice their choice, by rerunning their command (which, on a finished
+run, makes only the choice), and scores them again. The last column is what choosing on
+``seg evaluate --tune_postprocessing``'s grid at the images' own resolution would give any
+recipe, the reference included. Per run: per-image mean Dice, pooled Dice, the worst image's Dice, test images
 whose truth has foreground but whose prediction is empty, and the largest drop of validation
 Dice below its running best after the first 20 % of epochs (on the curve that selects the
 model; for a weight-averaged run the raw weights' curve is in the JSON too). Finished runs
@@ -68,7 +74,7 @@ from seg.training.history import largest_drop  # noqa: E402
 # seg train's defaults before the recipe work, as overrides (reachable by config ever since)
 BEFORE = ["train.lr=1e-3", "train.optimizer=adam", "train.weight_decay=1e-5", "train.scheduler=plateau",
           "train.warmup_epochs=0", "train.ema_decay=0", "model.norm=batch", "data.augmentation=standard",
-          "train.dice_reduction=batch", "train.early_stopping=15"]
+          "train.dice_reduction=batch", "train.early_stopping=15", "train.tune_postprocessing=false"]
 SEG_BIN = [sys.executable, "-m", "seg"]
 
 
@@ -103,7 +109,8 @@ class Recipe:
     def __init__(self, name: str, overrides: list[str] | None, args):
         self.name, self.overrides, self.args = name, overrides, args  # overrides None: the reference
 
-    def train(self, task_dir: Path, run_dir: Path, epochs: int, seed: int, log: Path) -> tuple[float, float]:
+    def train(self, task_dir: Path, run_dir: Path, epochs: int, seed: int, log: Path,
+              resume: bool = False) -> tuple[float, float]:
         a = self.args
         if self.overrides is None:
             cmd = [sys.executable, str(HERE / "reference_train.py"), "--images", str(task_dir / "trainval/images"),
@@ -113,7 +120,8 @@ class Recipe:
         else:
             cmd = [*SEG_BIN, "train", "--data_dir", str(task_dir / "shards"), "--checkpoint_dir", str(run_dir),
                    "--epochs", str(epochs), "--image_size", str(a.size), f"model.base_channels={a.width}",
-                   f"train.seed={seed}", "train.resume=false", "train.save_every=0", *self.overrides]
+                   f"train.seed={seed}", f"train.resume={str(resume).lower()}", "train.save_every=0",
+                   *self.overrides]
         return _run(cmd, log)
 
 
@@ -201,11 +209,36 @@ def _postprocessed(run_dir: Path, task_dir: Path, log: Path) -> dict:
             "pp_empty_on_foreground": sum(1 for a, b, c in counts if a + c > 0 and a + b == 0)}
 
 
-def run_one(recipe: Recipe, task_dir: Path, work: Path, epochs: int, seed: int) -> dict:
+def _train_tuning(run_dir: Path) -> dict | None:
+    """The threshold and post-processing ``seg train`` stored in ``best_model.pth`` (None: none)."""
+    import torch
+
+    path = run_dir / "best_model.pth"
+    return torch.load(path, weights_only=True).get("postprocess_tuning") if path.is_file() else None
+
+
+def retune(recipe: Recipe, task_dir: Path, run_dir: Path, result: dict) -> dict:
+    """A ``seg train`` run finished before ``seg train`` chose its threshold and post-processing:
+    rerun its command (resuming the finished run, which trains nothing and makes only that
+    choice, on the same weights and validation images), then score the test images again."""
+    log = run_dir / "log.txt"
+    recipe.train(task_dir, run_dir, result["epochs_planned"], result["seed"], log, resume=True)
+    result = {**result, "mean_dice_before_retune": result["mean_dice"], "retuned": True,
+              **_score(run_dir, task_dir, log), **_postprocessed(run_dir, task_dir, log),
+              "train_tuning": _train_tuning(run_dir)}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_one(recipe: Recipe, task_dir: Path, work: Path, epochs: int, seed: int, retune_old: bool = False) -> dict:
     run_dir = work / "runs" / f"{task_dir.name}-{recipe.name}-seed{seed}"
     done = run_dir / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        tunes = recipe.overrides is not None and "train.tune_postprocessing=false" not in recipe.overrides
+        if retune_old and tunes and "train_tuning" not in result:
+            result = retune(recipe, task_dir, run_dir, result)
+        return result
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "log.txt"
     log.write_text("")
@@ -219,7 +252,8 @@ def run_one(recipe: Recipe, task_dir: Path, work: Path, epochs: int, seed: int) 
               "load_avg": round(load, 1),
               "best_val_dice": max(dice),
               "final_val_dice": dice[-1], "max_val_drop_after_20pct": max_drop(dice),
-              "overrides": recipe.overrides, **_score(run_dir, task_dir, log), **_postprocessed(run_dir, task_dir, log)}
+              "overrides": recipe.overrides, **_score(run_dir, task_dir, log), **_postprocessed(run_dir, task_dir, log),
+              "train_tuning": _train_tuning(run_dir)}
     if "raw_dice" in rows[0]:  # the raw (non-EMA) curve of a run that validates the EMA weights
         result["max_raw_val_drop_after_20pct"] = max_drop([r["raw_dice"] for r in rows])
     done.write_text(json.dumps(result, indent=1))
@@ -235,19 +269,30 @@ def _pp_cell(r: dict) -> str:
     return f"{r['pp_mean_dice']:.4f} ({', '.join(steps)})"
 
 
+def _train_choice_cell(r: dict) -> str:
+    t = r.get("train_tuning")
+    if not t:
+        return "-"
+    p = t["postprocess"]
+    steps = [f"t={t['threshold']:g}"] + (["fill"] if p["fill_holes"] else []) + (
+        [f"min {p['min_size']}"] if p["min_size"] else []) + ([f"top {p['keep_largest']}"] if p["keep_largest"] else [])
+    return ", ".join(steps) + (" (chosen by rerunning)" if r.get("retuned") else "")
+
+
 def markdown(results: list[dict], budget: float, command: str) -> str:
     lines = [f"Budget {2 * budget:.0f} CPU seconds of training per run ({budget:.0f} s of a busy idle 2-core "
              f"machine; epochs from calibration runs of each recipe); command: `{command}`", "",
              "| task | recipe | seed | epochs run/planned | train CPU s / wall s (load avg) | per-image mean Dice | "
              "pooled Dice | worst image | empty on foreground | max val drop after 20 % | "
-             "mean Dice, threshold + post-processing tuned on validation |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "seg train's choice in best_model.pth | "
+             "mean Dice, threshold + post-processing tuned on validation by seg evaluate's grid |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['task']} | {r['recipe']} | {r['seed']} | {r['epochs_run']}/{r['epochs_planned']} | "
                      f"{r['train_cpu_s']:.0f} / {r['train_wall_s']:.0f} ({r['load_avg']:.1f}) | "
                      f"{r['mean_dice']:.4f} | {r['pooled_dice']:.4f} | "
                      f"{r['worst_dice']:.4f} | {r['empty_on_foreground']}/{r['n_test_foreground']} | "
-                     f"{r['max_val_drop_after_20pct']:.3f} | {_pp_cell(r)} |")
+                     f"{r['max_val_drop_after_20pct']:.3f} | {_train_choice_cell(r)} | {_pp_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -268,6 +313,9 @@ def main() -> int:
                     help="training budget per run: seconds of a busy 2-core machine (2x this in CPU seconds)")
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--retune", action="store_true",
+                    help="finished seg train runs from before seg train chose its threshold and post-processing: "
+                         "rerun their command for that choice alone and score them again")
     ap.add_argument("--json", type=Path, help="write every result here")
     ap.add_argument("--markdown", type=Path, help="write the table here")
     args = ap.parse_args()
@@ -297,7 +345,7 @@ def main() -> int:
                   f"fixed -> {plans[name]} epochs", flush=True)
         for name in args.recipes:
             for seed in (args.new_seeds if name == "seg_new" else args.seeds):
-                r = run_one(recipes[name], task_dir, work, plans[name], seed)
+                r = run_one(recipes[name], task_dir, work, plans[name], seed, args.retune)
                 results.append(r)
                 print(f"[{task}] {name} seed {seed}: mean Dice {r['mean_dice']:.4f}, pooled {r['pooled_dice']:.4f}, "
                       f"worst {r['worst_dice']:.4f}, empty {r['empty_on_foreground']}/{r['n_test_foreground']}, "
