@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from seg.checkpoint import load_checkpoint
-from seg.training import history
 from test_train import TINY, make_shards, run_train
 
 
@@ -36,12 +35,7 @@ def test_best_model_carries_the_choice_made_on_every_validation_image(trained):
     assert entry["n_images"] == info["splits"]["val"]["count"]
     assert best["threshold"] == entry["threshold"] and best["postprocess"] == entry["postprocess"]
     assert entry["dice"] >= entry["baseline_dice"]
-    assert entry["postprocess"]["min_size"] == 0  # resize sampling: sizes at 32 px mean nothing at full size
     assert f"threshold {entry['threshold']:g}, post-processing" in stdout and "chosen on" in stdout
-    # the baseline is the selected epoch's validation score: the choice was made on the saved weights
-    rows = history.read_history(run)
-    best_row = max(rows, key=lambda r: r["dice"])
-    assert entry["baseline_dice"] == pytest.approx(best_row["mean_dice"], abs=0.01)
 
 
 def test_final_model_keeps_the_configured_threshold(trained):
@@ -51,6 +45,25 @@ def test_final_model_keeps_the_configured_threshold(trained):
     best = load_checkpoint(run / "best_model.pth")
     if best["epoch"] == final["epoch"]:  # the same weights: tuning touched nothing else
         assert all(torch.equal(best["state_dict"][k], v) for k, v in final["state_dict"].items())
+
+
+def test_the_choice_is_seg_evaluates_on_the_validation_split(trained, tmp_path):
+    """Made as `seg evaluate --model_path --data_dir --tune_postprocessing` makes it: the same
+    images at full size, the same candidates, the same choice and validation Dice."""
+    folder, _, run, _ = trained
+    chosen = load_checkpoint(run / "best_model.pth")["postprocess_tuning"]
+    untuned = tmp_path / "untuned.pth"
+    ckpt = load_checkpoint(run / "best_model.pth")
+    torch.save({k: v for k, v in ckpt.items() if k not in ("postprocess", "postprocess_tuning")}
+               | {"threshold": 0.5}, untuned)
+    proc = subprocess.run([sys.executable, "-m", "seg", "evaluate", "--model_path", str(untuned), "--data_dir",
+                           str(folder), "--output_dir", str(tmp_path / "ev"), "--tune_postprocessing",
+                           "--no_progress"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_evaluate = json.loads((tmp_path / "ev" / "evaluation_report.json").read_text())["postprocessing"]
+    for key in ("threshold", "postprocess", "n_images"):
+        assert by_evaluate[key] == chosen[key]
+    assert by_evaluate["dice"] == pytest.approx(chosen["dice"], abs=1e-3)
 
 
 def test_predict_applies_the_tuned_threshold_by_default(trained, tmp_path):

@@ -49,7 +49,7 @@ def _score_masks(source: MaskPairs, scores: RankScores, env: DistEnv, cfg: Evalu
             bar.update(1)
 
 
-def _batches(items: Iterable[Scorable], size: int):
+def batched(items: Iterable[Scorable], size: int):
     batch = []
     for item in items:
         batch.append(item)
@@ -64,7 +64,7 @@ def _score_model(source: LabelledImages, predictor, scores: RankScores, env: Dis
     with _bar(env, source.count_for(env.rank, env.world_size), cfg.progress,
               "predict+evaluate" + (f" (rank 0 of {env.world_size})" if env.is_distributed else "")) as bar:
         qc = ImageQC(predictor.threshold, reference_from(predictor.checkpoint))
-        for batch in _batches(source.assigned(env.rank, env.world_size, cfg.workers), predictor.batch_size):
+        for batch in batched(source.assigned(env.rank, env.world_size, cfg.workers), predictor.batch_size):
             probs = predictor.predict_probabilities([item.image for item in batch])
             flips = predictor.pop_flip_dice()  # per image in resize mode; tile mode: per tile, not used
             flips = flips if flips is not None and len(flips) == len(batch) else [None] * len(batch)

@@ -42,13 +42,15 @@ def tuned_path(model_path: str | Path, output_dir: str | Path, requested: str | 
     return path
 
 
-def tune_and_save(tuning: dict[str, dict], checkpoint: dict, model_threshold: float, path: Path) -> dict:
+def tune_and_save(tuning: dict[str, dict], checkpoint: dict, model_threshold: float, path: Path,
+                  chosen_by: str = "seg evaluate") -> dict:
     """Choose on the gathered ``image_stats`` and write the tuned checkpoint to ``path``.
 
     Returns:
         the report's ``postprocessing`` entry: ``threshold``, ``postprocess`` (dict), ``dice``
         (per-image mean with them), ``baseline_dice`` (the model as it was), ``objective``,
-        ``n_images``, ``tuned_model_path``.
+        ``n_images``, ``tuned_model_path``. The checkpoint's ``postprocess_tuning`` holds these but
+        the path, and ``chosen_by`` (the command that chose).
     """
     keys = sorted(tuning)
     choice = choose_postprocessing([tuning[k] for k in keys], thresholds_for(model_threshold),
@@ -57,7 +59,7 @@ def tune_and_save(tuning: dict[str, dict], checkpoint: dict, model_threshold: fl
              "dice": float(choice["dice"]), "baseline_dice": float(choice["baseline_dice"]),
              "objective": OBJECTIVE, "n_images": int(choice["n_images"])}
     tuned = {**checkpoint, "threshold": entry["threshold"], "postprocess": entry["postprocess"],
-             "postprocess_tuning": {**entry, "chosen_by": "seg evaluate"}}
+             "postprocess_tuning": {**entry, "chosen_by": chosen_by}}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(tuned, path)
     return {**entry, "tuned_model_path": str(path)}

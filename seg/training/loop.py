@@ -222,7 +222,7 @@ class Trainer:
             self.log(f"{self.run_dir} has finished ({p.epoch} epochs{', stopped early' if p.stopped_early else ''}); "
                      "nothing to do. Pass --no_resume to train again from scratch, or raise --epochs.")
             if t.tune_postprocessing and tuning.needs_tuning(self.run_dir):  # a crash came between the two
-                tuning.tune_best_model(self.cfg, self.spec, a, self.run_dir, self.log)
+                tuning.tune_best_model(self.cfg, a, self.run_dir, self.log)
             return 0
         self._start()
         flag = state.PreemptionFlag().install()
@@ -241,7 +241,7 @@ class Trainer:
                              f"exiting with {state.PREEMPTED_EXIT_CODE}")
                     return state.PREEMPTED_EXIT_CODE
             if self.progress.finished and t.tune_postprocessing:
-                tuning.tune_best_model(self.cfg, self.spec, a, self.run_dir, self.log)
+                tuning.tune_best_model(self.cfg, a, self.run_dir, self.log)
         finally:
             flag.restore()
             if a.log_with:
