@@ -47,9 +47,10 @@ class InferenceConfig:
     """Fraction of a tile shared with its neighbours."""
 
     postprocess: Literal["checkpoint", "none"] = "checkpoint"
-    """Mask post-processing: 'checkpoint' applies the one stored in the checkpoint by `seg evaluate
-    --tune_postprocessing` (hole filling, small-component removal, largest components; a checkpoint
-    without one: nothing), 'none' leaves the thresholded masks as they are."""
+    """Mask post-processing: 'checkpoint' applies the one stored in the checkpoint by `seg train`
+    (best_model.pth) or `seg evaluate --tune_postprocessing` (hole filling, small-component
+    removal, largest components; a checkpoint without one: nothing), 'none' leaves the
+    thresholded masks as they are."""
 
     def __post_init__(self) -> None:
         check_literals(self, "inference")

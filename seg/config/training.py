@@ -205,8 +205,9 @@ class TrainConfig:
 
     tune_postprocessing: bool = _flag(True, flag="--no_tune_postprocessing")
     """At the end of training, choose best_model.pth's threshold and post-processing (hole
-    filling, largest components; minimum sizes with patch sampling) on the validation set, for
-    seg predict to apply by default (seg.training.tuning). Off: the checkpoint keeps
+    filling, minimum component size, largest components) for the best per-image mean Dice on the
+    validation images predicted at their own size, as seg evaluate --tune_postprocessing does;
+    seg predict applies them by default (seg.training.tuning). Off: best_model.pth keeps
     train.threshold and no post-processing."""
 
     resume: bool = _flag(True, flag="--no_resume")
