@@ -108,7 +108,9 @@ def test_corrupt_images_end_training_with_the_shard_named(clean_shards, tmp_path
     scramble_images(shard, 3)  # same size: the start-up check passes, decoding fails
     proc, seconds = run_cmd(train_cmd(data, tmp_path / "run", "--epochs", "50"), timeout=90)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert seconds < 30, f"took {seconds:.1f} s"
+    # ended in the first of 50 epochs, where the shard is read: no epoch finished (the wall-clock
+    # bound is loose, for loaded CI hosts; the history file is the exact check)
+    assert not (tmp_path / "run" / "history.csv").exists() and seconds < 60, f"took {seconds:.1f} s"
     assert f"in shard {shard}" in proc.stderr and "could not be decoded" in proc.stderr, proc.stderr[-2000:]
 
 
