@@ -6,6 +6,7 @@ Tiny U-Nets on synthetic shards, trained by `python -m seg.train` subprocesses (
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -96,3 +97,21 @@ def test_switched_off_and_done_after_a_crash_by_rerunning(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "best_model.pth")["postprocess_tuning"]["chosen_by"] == "seg train"
     third = run_train(args)  # chosen once: a further rerun changes nothing
     assert third.returncode == 0 and "chosen on" not in third.stdout
+
+
+def test_an_unreadable_validation_image_leaves_the_threshold_and_says_how_to_choose_later(tmp_path):
+    """Training is done when the choice fails: exit 0, best_model.pth untouched, the message names
+    the sample and the command that makes the choice later."""
+    from seg.data.shards import shard_urls
+    from test_hardening import scramble_images
+
+    folder, _ = make_shards(tmp_path / "data", n=24)
+    args = ["--data_dir", str(folder), "--checkpoint_dir", str(tmp_path / "run"), "--epochs", "1", *TINY]
+    assert run_train([*args, "--no_tune_postprocessing"]).returncode == 0
+    scramble_images(Path(shard_urls(folder, "val")[0]), 1)
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    line = next((ln for ln in out.splitlines() if "threshold and post-processing not chosen" in ln), "")
+    assert "val-000000.tar" in line and "seg evaluate --model_path" in line and "--tune_postprocessing" in line, out[-3000:]
+    assert "postprocess_tuning" not in load_checkpoint(tmp_path / "run" / "best_model.pth")

@@ -93,8 +93,8 @@ def tune_best_model(cfg, accelerator, run_dir: Path, log) -> dict | None:
     stats, threshold, error = {}, float(cfg.train.threshold), None
     try:
         stats, threshold = _stats_of_share(cfg, accelerator, path)
-    except (ValueError, OSError, RuntimeError) as exc:  # reported by every rank, not raised on one
-        error = f"rank {accelerator.process_index}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - raised on one rank, the others would wait in the gather
+        error = f"rank {accelerator.process_index}: {type(exc).__name__}: {exc}"
     shares = gather_object([(stats, error)]) if accelerator.num_processes > 1 else [(stats, error)]
     entry = None
     if accelerator.is_main_process:
