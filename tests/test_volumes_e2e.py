@@ -77,6 +77,10 @@ def test_volumes_prepare_train_predict_evaluate(tmp_path, capsys):
                                "--image_size", "32", "--batch_size", "4", "model.base_channels=4",
                                "data.num_workers=0", "data.in_channels=1"])
     assert train.returncode == 0, train.stderr[-3000:]
+    # the threshold was chosen on the validation slices, predicted with the volume normalisation
+    assert "chosen on" in train.stdout, train.stdout[-3000:] + train.stderr[-3000:]
+    tuned = torch.load(run / "best_model.pth", weights_only=True)["postprocess_tuning"]
+    assert tuned["n_images"] == info["splits"]["val"]["count"]
     model = run / "final_model.pth"
     ckpt = torch.load(model, weights_only=True)
     assert ckpt["preprocess"]["volume"] == {"slice_axis": "axial", "normalization": info["normalization"]}
