@@ -42,6 +42,8 @@ seg predict --model_path "$DEMO/run/best_model.pth" --shards "$DEMO/shards/val-*
   --output_dir "$DEMO/predictions" --save_overlay
 
 step "5/5 seg evaluate -> $DEMO/evaluation"
+# The validation split picked the best epoch and best_model.pth's threshold, so this score is
+# optimistic; on real data, evaluate held-out images (--data_dir DIR with images/ and masks/).
 seg evaluate --model_path "$DEMO/run/best_model.pth" --data_dir "$DEMO/shards" --output_dir "$DEMO/evaluation"
 
 step "done"
