@@ -52,8 +52,8 @@ def needs_tuning(run_dir: Path) -> bool:
     return path.is_file() and "postprocess_tuning" not in load_checkpoint(path)
 
 
-def _stats_of_share(cfg, accelerator, path: Path) -> tuple[dict[str, dict], float]:
-    """``image_stats`` of this rank's validation images (by sample key), and the checkpoint's threshold."""
+def _stats_of_share(cfg, accelerator, path: Path) -> tuple[dict[str, dict], dict]:
+    """``image_stats`` of this rank's validation images (by sample key), and the loaded checkpoint."""
     from seg.config.inference import InferenceConfig
     from seg.evaluation.run import batched
     from seg.evaluation.sources import LabelledImages
@@ -72,7 +72,7 @@ def _stats_of_share(cfg, accelerator, path: Path) -> tuple[dict[str, dict], floa
             for item, prob in zip(batch, predictor.predict_probabilities([item.image for item in batch])):
                 stats[item.key] = image_stats(prob, item.truth, thresholds)
             bar.update(len(batch))
-    return stats, predictor.threshold
+    return stats, predictor.checkpoint
 
 
 def tune_best_model(cfg, accelerator, run_dir: Path, log) -> dict | None:
@@ -90,22 +90,23 @@ def tune_best_model(cfg, accelerator, run_dir: Path, log) -> dict | None:
 
     path = Path(run_dir) / BEST
     accelerator.wait_for_everyone()  # rank 0 wrote best_model.pth
-    stats, threshold, error = {}, float(cfg.train.threshold), None
+    stats, checkpoint, error = {}, {}, None
     try:
-        stats, threshold = _stats_of_share(cfg, accelerator, path)
+        stats, checkpoint = _stats_of_share(cfg, accelerator, path)
     except Exception as exc:  # noqa: BLE001 - raised on one rank, the others would wait in the gather
         error = f"rank {accelerator.process_index}: {type(exc).__name__}: {exc}"
     shares = gather_object([(stats, error)]) if accelerator.num_processes > 1 else [(stats, error)]
     entry = None
     if accelerator.is_main_process:
+        threshold = float(checkpoint.get("threshold", cfg.train.threshold))
         errors = [e for _, e in shares if e]
         merged = {k: s for share, _ in shares for k, s in share.items()}
         if errors or not merged:
             log(f"{path}: threshold and post-processing not chosen ({'; '.join(errors) or 'no validation images'}); "
-                f"it keeps threshold {threshold:g}. To choose them later: seg evaluate --model_path {path} "
-                f"--data_dir {cfg.data.data_dir} --tune_postprocessing")
+                f"it keeps threshold {threshold:g}. To choose them later, rerun this seg train command, or: "
+                f"seg evaluate --model_path {path} --data_dir {cfg.data.data_dir} --tune_postprocessing")
         else:
-            entry = tune_and_save(merged, load_checkpoint(path), threshold, path, chosen_by="seg train")
+            entry = tune_and_save(merged, checkpoint, threshold, path, chosen_by="seg train")
             steps = PostProcess.from_dict(entry["postprocess"]).describe()
             log(f"{path.name}: threshold {entry['threshold']:g}, post-processing {steps}; "
                 f"chosen on {entry['n_images']} validation images at full size (per-image mean Dice "
