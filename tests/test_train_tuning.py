@@ -6,9 +6,9 @@ Tiny U-Nets on synthetic shards, trained by `python -m seg.train` subprocesses (
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch

@@ -186,8 +186,8 @@ class Predictor:
     Attributes:
         options, threshold, postprocess (``seg.postprocess.PostProcess``, applied to masks by the
         callers: writers, evaluation), mask_settings (both, with TTA and tiling), sha256 (of the
-        checkpoint file, or of the weights for a dict), preprocess, mode ('resize' | 'tile'), tile_size, device, precision ('bf16', 'fp16',
-        'fp32'), autocast_dtype.
+        checkpoint file, or of the weights for a dict), preprocess, mode ('resize' | 'tile'),
+        tile_size, device, precision ('bf16', 'fp16', 'fp32'), autocast_dtype.
     """
 
     def __init__(self, checkpoint: str | Path | dict, options: InferenceConfig | None = None, **overrides):

@@ -44,8 +44,8 @@ U-Net width 32 at 128 px, 480 CPU s per run; docs/BENCHMARKS.md has every run an
 
 - Adam at 3e-4 (``train.lr``) with the plateau schedule and BatchNorm. At 1e-3 (the default
   before) the raw weights' validation Dice jumped between epochs on every task (white matter,
-  epochs 7-11: 0.85, 0.28, 0.65, 0.89, 0.46), the plateau schedule seldom lowered the rate because the averaged curve
-  kept creeping up, and runs peaked early and stopped early: nuclei peaked at epoch 12 and
+  epochs 7-11: 0.85, 0.28, 0.65, 0.89, 0.46), the plateau schedule seldom lowered the rate
+  because the averaged curve kept creeping up, and runs peaked early and stopped early: nuclei peaked at epoch 12 and
   stopped at 27 of 62 with per-image test Dice 0.887 (largest validation drop 0.068); at 3e-4
   the same run trained all 62 epochs and scored 0.923 (drop 0.014). The cost is speed: grey
   matter was still improving after its 34 epochs.

@@ -43,8 +43,8 @@ training, ``train.tune_postprocessing``; the reference keeps 0.5), and
 ``seg train`` made that choice their choice, by rerunning their command (which, on a finished
 run, makes only the choice), and scores them again. The last column is what choosing on
 ``seg evaluate --tune_postprocessing``'s grid at the images' own resolution would give any
-recipe, the reference included. Per run: per-image mean Dice, pooled Dice, the worst image's Dice, test images
-whose truth has foreground but whose prediction is empty, and the largest drop of validation
+recipe, the reference included. Per run: per-image mean Dice, pooled Dice, the worst image's
+Dice, test images whose truth has foreground but whose prediction is empty, and the largest drop of validation
 Dice below its running best after the first 20 % of epochs (on the curve that selects the
 model; for a weight-averaged run the raw weights' curve is in the JSON too). Finished runs
 are kept (``result.json`` in the run folder) and not redone: rerun the same command after an
@@ -260,23 +260,23 @@ def run_one(recipe: Recipe, task_dir: Path, work: Path, epochs: int, seed: int, 
     return result
 
 
+def _steps(threshold: float, p: dict) -> str:
+    """A threshold and post-processing for a table cell, e.g. 't=0.55, min 16'."""
+    return ", ".join([f"t={threshold:g}"] + (["fill"] if p["fill_holes"] else []) + (
+        [f"min {p['min_size']}"] if p["min_size"] else []) + ([f"top {p['keep_largest']}"] if p["keep_largest"] else []))
+
+
 def _pp_cell(r: dict) -> str:
     if "pp" not in r:
         return ""
-    p = r["pp"]
-    steps = [f"t={p['threshold']:g}"] + (["fill"] if p["fill_holes"] else []) + (
-        [f"min {p['min_size']}"] if p["min_size"] else []) + ([f"top {p['keep_largest']}"] if p["keep_largest"] else [])
-    return f"{r['pp_mean_dice']:.4f} ({', '.join(steps)})"
+    return f"{r['pp_mean_dice']:.4f} ({_steps(r['pp']['threshold'], r['pp'])})"
 
 
 def _train_choice_cell(r: dict) -> str:
     t = r.get("train_tuning")
     if not t:
         return "-"
-    p = t["postprocess"]
-    steps = [f"t={t['threshold']:g}"] + (["fill"] if p["fill_holes"] else []) + (
-        [f"min {p['min_size']}"] if p["min_size"] else []) + ([f"top {p['keep_largest']}"] if p["keep_largest"] else [])
-    return ", ".join(steps) + (" (chosen by rerunning)" if r.get("retuned") else "")
+    return _steps(t["threshold"], t["postprocess"]) + (" (chosen by rerunning)" if r.get("retuned") else "")
 
 
 def markdown(results: list[dict], budget: float, command: str) -> str:
