@@ -67,10 +67,10 @@ def test_tuning_picks_the_removal_that_helps_and_keeps_the_identity_otherwise():
     for _ in range(6):
         truth = _mask(32, 32, [(8, 8, 20, 20)])
         prob = np.where(truth, 0.9, 0.05) + rng.uniform(0, 0.02, (32, 32))
-        for _ in range(4):  # specks of false positives, 1-2 pixels each
+        for _ in range(4):  # confident specks of false positives: no threshold separates them
             y, x = rng.integers(0, 30, 2)
             if not truth[y, x]:
-                prob[y, x] = 0.8
+                prob[y, x] = 0.95
         probs.append(prob)
         truths.append(truth)
     result = tune_postprocessing(probs, truths)
@@ -82,6 +82,27 @@ def test_tuning_picks_the_removal_that_helps_and_keeps_the_identity_otherwise():
     clean = [np.where(t, 0.9, 0.1) for t in truths]
     plain = tune_postprocessing(clean, truths)
     assert plain["postprocess"].is_identity and plain["threshold"] == 0.5 and plain["dice"] == 1.0
+
+
+def test_a_component_rule_must_beat_the_best_bare_threshold():
+    from seg.postprocess import choose_postprocessing
+
+    # One image, truth 100 px. At 0.5: the object (120 px, 100 on the truth) and a 10 px blob;
+    # at 0.55: the object alone, 118 px with 99 on the truth.
+    stats = [{"truth": 100, (0.5, False): (np.array([120, 10]), np.array([100, 0])),
+              (0.55, False): (np.array([118]), np.array([99]))}]
+    grid = {"thresholds": (0.5, 0.55), "keep_largest": (0,), "fill": (False,)}
+    # Removing the blob at 0.5 (200/220 = 0.9091) beats 0.55 bare (198/218 = 0.9083) by less than
+    # min_gain: the bare threshold stays, though a joint search would have reached the rule first.
+    result = choose_postprocessing(stats, min_sizes=(0, 16), **grid)
+    assert result["threshold"] == 0.55 and result["postprocess"].is_identity
+    assert result["dice"] == pytest.approx(198 / 218) and result["baseline_dice"] == pytest.approx(200 / 230)
+    # By more than min_gain, the rule wins, at whichever threshold it scores best.
+    result = choose_postprocessing(stats, min_sizes=(0, 16), min_gain=1e-4, **grid)
+    assert (result["threshold"], result["postprocess"].min_size) == (0.5, 16)
+    assert result["dice"] == pytest.approx(200 / 220)
+    with pytest.raises(ValueError, match="must include False"):
+        choose_postprocessing(stats, min_sizes=(0, 16), thresholds=(0.5,), keep_largest=(0,), fill=(True,))
 
 
 def test_tuning_threshold_and_global_objective():

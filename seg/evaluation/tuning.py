@@ -9,9 +9,10 @@ Design choices:
   (0.10 ... 0.90 and the model's own), hole filling, minimum component size and largest-K.
 - The objective is the per-image mean Dice: the pooled Dice barely moves when a small structure
   vanishes or a spurious blob appears on an otherwise empty image, which is exactly what
-  post-processing changes. A candidate must beat the simplest one so far by 0.001, and the
-  identity at the model's threshold is tried first, so a small validation set does not buy
-  complexity from noise.
+  post-processing changes. A candidate must beat the best so far by 0.001, and candidates are
+  tried simplest first (the bare masks at the model's threshold, then at the other
+  thresholds, then the component rules), so a small validation set does not buy complexity
+  from noise.
 - The tuned checkpoint is the evaluated one with ``threshold`` and ``postprocess`` replaced and
   ``postprocess_tuning`` (what was chosen, on how many images, the Dice before and after)
   added; the weights are not touched. It is written atomically, never over the evaluated file.

@@ -15,8 +15,9 @@ Design choices:
   image's own size, default precision on the training device) and scored against their masks
   at full resolution; ``seg.evaluation.tuning.tune_and_save`` chooses over the same candidates
   (thresholds 0.10 ... 0.90 and the configured one, hole filling, minimum component sizes,
-  largest-K), with the same objective (per-image mean Dice) and the same rule that a candidate
-  must beat a simpler one by 0.001.
+  largest-K), with the same objective (per-image mean Dice) and the same rule: candidates
+  simplest first (bare masks at each threshold before any component rule), each must beat the
+  best so far by 0.001.
 - Not the training loop's own validation pass: that scores images resized to
   ``data.image_size``, where a threshold is chosen on blurred edges and a size in pixels means
   something else. Chosen there, white matter's threshold went 0.5 -> 0.45 for +0.002 Dice on
