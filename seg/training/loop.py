@@ -77,10 +77,10 @@ U-Net width 32 at 128 px, 480 CPU s per run; docs/BENCHMARKS.md has every run an
 - Where it stands (per-image mean Dice on the upper, off-distribution slices and held-out
   tiles, 3 seeds, against the reference recipe at the same calibrated budget, as ``seg train``
   then ``seg predict`` give it): grey matter 0.843 (0.830-0.859) against 0.820; white matter
-  0.829 (0.824-0.832) against 0.735; nuclei 0.934 (0.926-0.939) against 0.930, one seed of
-  three below it. Largest validation drop after the first 20 % of epochs 0.009-0.030 (the
-  reference: 0.105-0.558). One empty mask in 3 x 29 white-matter test slices with foreground: a
-  50-pixel structure whose highest probability was 0.51.
+  0.829 (0.824-0.832) against 0.735; nuclei 0.937 (0.935-0.940) against 0.930. Largest
+  validation drop after the first 20 % of epochs 0.009-0.030 (the reference: 0.105-0.558). One
+  empty mask in 3 x 29 white-matter test slices with foreground: a 50-pixel structure whose
+  highest probability was 0.51.
 """
 
 from __future__ import annotations
