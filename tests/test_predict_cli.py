@@ -231,6 +231,24 @@ def test_other_mask_settings_are_refused_on_resume(tmp_path, ckpt, capsys):
     assert run("--summarize", out) == 0
 
 
+def test_other_inputs_are_refused_unless_overwrite(tmp_path, ckpt, capsys):
+    """The same folder, model and settings, but another input list (here, another --image_dir)."""
+    make_cohort(tmp_path / "a", n=2)
+    make_cohort(tmp_path / "b", n=2)
+    out = tmp_path / "out"
+    args = ("--model_path", ckpt, "--output_dir", out, "--num_workers", 0)
+    assert run(*args, "--image_dir", tmp_path / "a") == 0
+    capsys.readouterr()
+    assert run(*args, "--image_dir", tmp_path / "b") == 2
+    err = capsys.readouterr().err
+    assert "covers other inputs than this run plans" in err and "--overwrite" in err
+    assert run(*args, "--image_dir", tmp_path / "b", "--overwrite") == 0
+    inputs = {i["input"] for r in read_manifest(out).values() for i in r["images"]}
+    assert inputs and all(str(tmp_path / "b") in i for i in inputs)
+    assert list(out.glob("manifest.jsonl.replaced-*"))
+    assert run("--summarize", out) == 0
+
+
 def test_tiles_for_large_images_from_patch_checkpoint(tmp_path):
     ck = make_checkpoint(tmp_path / "patch.pth", image_size=32, sampling="patch")
     write_image(tmp_path / "in/big.png", random_image(150, 97))

@@ -128,6 +128,18 @@ def test_changed_inputs_are_caught():
         check_unit_inputs(record, ["a.png", "b.png", "c.png"])
 
 
+def test_units_with_other_inputs_are_refused_unless_overwrite(tmp_path):
+    append_lines(tmp_path / "manifest.jsonl", [
+        {"unit": "files-000000", "model_sha256": "a" * 64, "images": [{"input": "a.png"}], "failed": []},
+        {"unit": "files-000009", "model_sha256": "a" * 64, "images": [{"input": "z.png"}], "failed": []}])
+    check_model(tmp_path, "a" * 64, planned={"files-000000": ["a.png"]})  # unit 9 is not planned: not compared
+    with pytest.raises(ManifestError, match="files-000000 .*other inputs.*--overwrite"):
+        check_model(tmp_path, "a" * 64, planned={"files-000000": ["b.png"]})
+    check_model(tmp_path, "a" * 64, overwrite=True, planned={"files-000000": ["b.png"]})
+    assert read_manifest(tmp_path) == {}
+    assert (tmp_path / f"manifest.jsonl.replaced-{'a' * 12}").is_file()
+
+
 def test_summarize_reports_missing_units_and_files(tmp_path):
     (tmp_path / "x_mask.png").write_bytes(b"png")
     append_lines(tmp_path / "manifest.jsonl", [

@@ -22,7 +22,9 @@ Design choices:
   resuming a folder with ``--postprocess none`` where the first run applied the checkpoint's
   post-processing, or with another ``--threshold``, would otherwise mix two kinds of masks in
   one cohort without a trace. Precision and batch size are not part of it: a resumed array
-  task may land on another kind of node.
+  task may land on another kind of node. Likewise a unit whose recorded inputs are not the
+  ones planned now (the input list or ``--unit_size`` changed): refused, or set aside with
+  ``--overwrite``.
 - ``summarize`` merges and validates the manifest for ``seg predict --summarize OUT`` (the
   afterok job of a Slurm array): units finished out of planned, images, failures, foreground
   statistics, models, and every listed output present.
@@ -108,10 +110,12 @@ def _settings_text(settings: dict) -> str:
     return json.dumps(settings, sort_keys=True, separators=(",", ":"))
 
 
-def check_model(out_dir: Path, sha256: str, overwrite: bool = False, settings: dict | None = None) -> None:
-    """Refuse a folder holding another model's results, or masks made with other ``settings``
-    (``mask_settings`` of its lines; lines without them are not compared), or set them aside
-    with ``overwrite``."""
+def check_model(out_dir: Path, sha256: str, overwrite: bool = False, settings: dict | None = None,
+                planned: dict[str, list[str]] | None = None) -> None:
+    """Refuse a folder holding another model's results, masks made with other ``settings``
+    (``mask_settings`` of its lines; lines without them are not compared), or units that cover
+    other inputs than ``planned`` (unit id -> input paths; units not in it are not compared),
+    or set them aside with ``overwrite``."""
     out_dir = Path(out_dir)
     with locked(out_dir):
         manifest = out_dir / MANIFEST
@@ -120,8 +124,12 @@ def check_model(out_dir: Path, sha256: str, overwrite: bool = False, settings: d
         changed = [] if settings is None else sorted(
             {_settings_text(r["mask_settings"]) for r in records if isinstance(r.get("mask_settings"), dict)}
             - {_settings_text(settings)})
-        if not others and not changed:
+        moved = [] if planned is None else [
+            r for r in records if r.get("unit") in planned and _recorded_inputs(r) != sorted(planned[r["unit"]])]
+        if not others and not changed and not moved:
             return
+        if not overwrite and not others and not changed:
+            check_unit_inputs(moved[0], planned[moved[0]["unit"]])
         if not overwrite:
             if others:
                 raise ManifestError(
@@ -139,16 +147,21 @@ def check_model(out_dir: Path, sha256: str, overwrite: bool = False, settings: d
                 os.replace(out_dir / name, out_dir / f"{name}.replaced-{tag}")
 
 
+def _recorded_inputs(record: dict) -> list[str]:
+    return sorted([i["input"] for i in record.get("images", [])] + [f["input"] for f in record.get("failed", [])])
+
+
 def check_unit_inputs(record: dict, sources: list[str] | None) -> None:
     """A finished unit's recorded inputs must be the planned ones (same list, same unit size)."""
     if sources is None:
         return
-    recorded = sorted([i["input"] for i in record.get("images", [])] + [f["input"] for f in record.get("failed", [])])
+    recorded = _recorded_inputs(record)
     if recorded != sorted(sources):
         raise ManifestError(
             f"unit {record['unit']} in the manifest covers other inputs than this run plans "
             f"({len(recorded)} recorded, {len(sources)} planned): the input list or --unit_size changed since "
-            "the folder was written. Rerun with the same inputs and --unit_size, or use a new --output_dir")
+            "the folder was written. Rerun with the same inputs and --unit_size, use a new --output_dir, or pass "
+            "--overwrite to redo every unit with these inputs")
 
 
 def _stats(values: list[float]) -> dict:

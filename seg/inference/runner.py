@@ -267,7 +267,8 @@ class CohortRun:
     def plan(self) -> tuple[list[Unit], list[dict]]:
         """(units to do, manifest records of this worker's finished units)."""
         settings = self.p.mask_settings
-        check_model(self.out_dir, self.p.sha256, self.cfg.overwrite, settings)
+        planned = {u.id: list(u.sources) for u in self.all_units if u.kind == "files"}
+        check_model(self.out_dir, self.p.sha256, self.cfg.overwrite, settings, planned)
         finished = read_manifest(self.out_dir)
         todo, skipped = [], []
         for unit in units_for_worker(self.all_units, self.worker, self.num_workers):
