@@ -9,7 +9,7 @@ import torch
 
 from seg.config import build_config
 from seg.model import UNet
-from seg.training import history
+from seg.training import history, state
 from seg.training.ema import ModelEMA
 from seg.training.optim import (StepSchedule, build_optimizer, build_scheduler, lr_factor, step_epoch,
                                 step_per_batch)
@@ -173,3 +173,30 @@ def test_batchnorm_recalibration_gives_the_average_its_own_statistics():
     assert first.momentum == 0.1  # restored
     gn = ModelEMA(UNet(1, base_channels=4, norm="group"), 0.9)
     assert not gn.has_batchnorm() and gn.recalibrate_batchnorm(iter(batches), lambda m, x: m(x)) == 0
+
+
+@pytest.mark.parametrize("select_on, stops_after", [("val_loss", 8), ("dice", 6), ("both", 8)])
+def test_early_stopping_counts_what_is_selected_on(select_on, stops_after):
+    p = state.Progress()
+    dice = [0.5, 0.6, 0.7, 0.65, 0.66, 0.66, 0.66, 0.66, 0.66, 0.66]
+    loss = [0.5, 0.4, 0.45, 0.41, 0.39, 0.395, 0.395, 0.395, 0.395, 0.395]
+    for epoch, (d, v) in enumerate(zip(dice, loss)):
+        p = state.after_epoch(p, epoch, d, v, epochs=10, early_stopping=3, select_on=select_on)
+        if p.finished:
+            break
+    assert p.stopped_early and p.epoch == stops_after
+    assert (p.best_epoch, p.best_score) == (3, 0.7)
+    assert (p.best_loss_epoch, p.best_loss) == (5, 0.39)  # both are kept whatever counts
+
+
+def test_progress_saved_before_the_loss_was_kept_resumes():
+    old = {k: v for k, v in vars(state.Progress(epoch=3, best_score=0.9, best_epoch=2)).items()
+           if k not in ("best_loss", "best_loss_epoch")}  # a progress.json written before them
+    p = state.after_epoch(state.Progress(**old), 3, 0.8, 0.3, epochs=10, early_stopping=3, select_on="both")
+    assert (p.best_epoch, p.best_loss_epoch, p.bad_epochs) == (2, 4, 0)
+
+
+def test_select_on_is_checked():
+    with pytest.raises(ValueError, match="train.select_on='iou' is not valid; allowed values are 'both', 'dice', 'val_loss'"):
+        build_config(overrides=["train.select_on=iou"])
+    assert build_config().train.select_on == "both"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.checkpoint import CheckpointError, load_checkpoint
+from seg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seg.data.synthetic import make_demo_dataset
 from seg.data.sharding import prepare_dataset
 from seg.metrics import METRIC_NAMES
@@ -206,6 +206,43 @@ def test_two_epochs_write_the_run_folder_then_resume_and_restart(shards, tmp_pat
     fresh = run_train([*args, "--no_resume", "--epochs", "1"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert [r["epoch"] for r in history.read_history(run)] == [1]
+
+
+@pytest.mark.parametrize("select_on", ["val_loss", "dice", "both"])
+def test_best_model_is_the_epoch_train_select_on_picks(shards, tmp_path, select_on):
+    folder, _ = shards
+    run = tmp_path / "run"
+    args = ["--data_dir", str(folder), "--checkpoint_dir", str(run), "--epochs", "4", *TINY,
+            "train.max_steps_per_epoch=3", "train.save_every=2", "train.lr=0.01", f"train.select_on={select_on}"]
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = history.read_history(run)
+    lowest = min(rows, key=lambda r: r["val_loss"])["epoch"]
+    highest = max(rows, key=lambda r: r["dice"])["epoch"]  # the first of equal values, as in training
+    best = torch.load(run / "best_model.pth", weights_only=True)
+    progress = json.loads((run / "last" / "progress.json").read_text())
+    assert (progress["best_epoch"], progress["best_loss_epoch"]) == (highest, lowest)
+    assert "postprocess_tuning" in best
+    if select_on != "both":
+        assert best["epoch"] == (lowest if select_on == "val_loss" else highest)
+        assert not (run / "best_loss_model.pth").exists() and "selection" not in best
+        return
+    assert torch.load(run / "best_loss_model.pth", weights_only=True)["epoch"] == lowest
+    if lowest == highest:
+        assert best["epoch"] == highest and "selection" not in best
+    # Two candidates of other epochs, as a crash before the end-of-training choice leaves them: the
+    # rerun of the finished run chooses, and keeps the one with the higher full-size validation Dice.
+    save_checkpoint(torch.load(run / "checkpoint_epoch_4.pth", weights_only=True), run / "best_model.pth")
+    save_checkpoint(torch.load(run / "checkpoint_epoch_2.pth", weights_only=True), run / "best_loss_model.pth")
+    again = run_train(args)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-3000:]
+    best = torch.load(run / "best_model.pth", weights_only=True)
+    selection = best["selection"]
+    assert [(c["file"], c["epoch"]) for c in selection["candidates"]] == [
+        ("best_model.pth", 4), ("best_loss_model.pth", 2)]
+    kept = max(selection["candidates"], key=lambda c: c["dice"])  # a tie keeps best_model.pth
+    assert selection["kept"] == kept["file"] and best["epoch"] == kept["epoch"]
+    assert best["postprocess_tuning"]["dice"] == kept["dice"] and f"kept {kept['file']}" in again.stdout
 
 
 @pytest.mark.parametrize("recipe", [

@@ -57,7 +57,7 @@ def test_torchrun_two_processes(shards, tmp_path):
     assert torch.load(tmp_path / "run" / "final_model.pth", weights_only=True)["provenance"]["world_size"] == 2
     # the post-processing was chosen on every validation image, gathered from both ranks, once
     tuned = torch.load(tmp_path / "run" / "best_model.pth", weights_only=True)["postprocess_tuning"]
-    assert tuned["n_images"] == shards[1]["splits"]["val"]["count"] and proc.stdout.count("validation images at full size") == 1
+    assert tuned["n_images"] == shards[1]["splits"]["val"]["count"] and proc.stdout.count("validation images at full size (per-image") == 1
 
 
 def test_accelerate_launch_two_cpu_processes(shards, tmp_path):

@@ -171,8 +171,19 @@ class TrainConfig:
     """With ema_decay and BatchNorm: training batches over which the average's BatchNorm
     statistics are recomputed before each validation (0: keep the averaged statistics)."""
 
+    select_on: Literal["both", "dice", "val_loss"] = "both"
+    """What picks best_model.pth: 'dice' (the epoch with the highest validation Dice at
+    train.threshold, the behaviour before), 'val_loss' (the lowest validation loss) or 'both':
+    the two epochs are candidates (best_model.pth and best_loss_model.pth during training), and
+    at the end the one with the higher per-image mean Dice on the validation images at their own
+    size, after its threshold and post-processing are chosen, becomes best_model.pth (needs
+    train.tune_postprocessing; without it best_model.pth stays the highest-Dice epoch). Why:
+    the two training-time proxies each picked a worse epoch on one kind of real image, and the
+    full-size choice picked the better one on every run (seg.training.loop has the numbers).
+    Early stopping counts epochs without an improvement of what is selected on ('both': either)."""
+
     early_stopping: int = 15
-    """Stop after this many epochs without val Dice improvement; 0 turns it off."""
+    """Stop after this many epochs without an improvement of train.select_on; 0 turns it off."""
 
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""

@@ -43,6 +43,24 @@ def tuned_path(model_path: str | Path, output_dir: str | Path, requested: str | 
     return path
 
 
+def choose_entry(tuning: dict[str, dict], model_threshold: float) -> dict:
+    """Choose on the gathered ``image_stats``: the entry ``tune_and_save`` describes, without a path."""
+    keys = sorted(tuning)
+    choice = choose_postprocessing([tuning[k] for k in keys], thresholds_for(model_threshold),
+                                   objective=OBJECTIVE, default_threshold=model_threshold)
+    return {"threshold": float(choice["threshold"]), "postprocess": choice["postprocess"].to_dict(),
+            "dice": float(choice["dice"]), "baseline_dice": float(choice["baseline_dice"]),
+            "objective": OBJECTIVE, "n_images": int(choice["n_images"])}
+
+
+def save_tuned(checkpoint: dict, entry: dict, path: Path, chosen_by: str, **extra) -> None:
+    """Write ``checkpoint`` with the choice ``entry`` (and any ``extra`` top-level keys) to ``path``."""
+    tuned = {**checkpoint, "threshold": entry["threshold"], "postprocess": entry["postprocess"],
+             "postprocess_tuning": {**entry, "chosen_by": chosen_by}, **extra}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(tuned, path)
+
+
 def tune_and_save(tuning: dict[str, dict], checkpoint: dict, model_threshold: float, path: Path,
                   chosen_by: str = "seg evaluate") -> dict:
     """Choose on the gathered ``image_stats`` and write the tuned checkpoint to ``path``.
@@ -53,14 +71,6 @@ def tune_and_save(tuning: dict[str, dict], checkpoint: dict, model_threshold: fl
         ``n_images``, ``tuned_model_path``. The checkpoint's ``postprocess_tuning`` holds these but
         the path, and ``chosen_by`` (the command that chose).
     """
-    keys = sorted(tuning)
-    choice = choose_postprocessing([tuning[k] for k in keys], thresholds_for(model_threshold),
-                                   objective=OBJECTIVE, default_threshold=model_threshold)
-    entry = {"threshold": float(choice["threshold"]), "postprocess": choice["postprocess"].to_dict(),
-             "dice": float(choice["dice"]), "baseline_dice": float(choice["baseline_dice"]),
-             "objective": OBJECTIVE, "n_images": int(choice["n_images"])}
-    tuned = {**checkpoint, "threshold": entry["threshold"], "postprocess": entry["postprocess"],
-             "postprocess_tuning": {**entry, "chosen_by": chosen_by}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(tuned, path)
+    entry = choose_entry(tuning, model_threshold)
+    save_tuned(checkpoint, entry, path, chosen_by)
     return {**entry, "tuned_model_path": str(path)}

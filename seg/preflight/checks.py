@@ -83,7 +83,7 @@ def check_shards(data_dir: str, world_size: int, num_workers: int) -> list[Check
                                                "some ranks validate nothing (correct, but slower)",
                          f"re-run `seg prepare` with a smaller --shard_size for >= {world_size} val shards"))
     elif not val_shards:
-        out.append(Check("warn", "val shards", "no validation split: best_model.pth cannot be chosen on val Dice",
+        out.append(Check("warn", "val shards", "no validation split: best_model.pth cannot be chosen on validation",
                          "re-run `seg prepare` with --val_split 0.1 (or more)"))
     return out
 

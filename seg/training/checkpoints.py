@@ -63,9 +63,14 @@ class RunFolder:
             plotting.join()
 
 
-def checkpoint_names(improved: bool, epoch: int, save_every: int, finished: bool) -> list[str]:
-    """The model files of a finished epoch (1-based ``epoch``): best, periodic, final."""
-    return ((["best_model.pth"] if improved else [])
+BEST, BEST_LOSS = "best_model.pth", "best_loss_model.pth"
+
+
+def checkpoint_names(improved: bool, epoch: int, save_every: int, finished: bool,
+                     loss_candidate: bool = False) -> list[str]:
+    """The model files of a finished epoch (1-based ``epoch``): best, the lowest-loss candidate
+    (``train.select_on=both``), periodic, final."""
+    return (([BEST] if improved else []) + ([BEST_LOSS] if loss_candidate else [])
             + ([f"checkpoint_epoch_{epoch}.pth"] if save_every and epoch % save_every == 0 else [])
             + (["final_model.pth"] if finished else []))
 

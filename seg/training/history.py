@@ -3,16 +3,17 @@
 Design choices:
 
 - Columns: ``epoch`` (1-based), ``train_loss``, ``val_loss``, every metric of
-  ``seg.metrics.METRIC_NAMES`` computed over the pooled validation pixels (``global``, the
-  value early stopping and ``best_model.pth`` use for ``dice``), ``mean_dice`` (per-image
-  average), ``lr``, ``seconds`` (the whole epoch, validation and checkpoints included),
-  ``images_per_s`` (training images per second of the training steps, all ranks together),
-  ``train_seconds`` (the training steps), ``data_seconds`` (rank 0's time waiting for the
-  next batch, the data loader's share of ``train_seconds``) and ``skipped_samples`` (bad
-  training and validation samples skipped in the epoch, all ranks; only with
-  ``data.skip_bad_samples``, else a bad sample stops the run). With a weight average
-  (``train.ema_decay``) the metric columns are the average's (they select the model) and
-  ``raw_dice`` / ``raw_mean_dice`` / ``raw_val_loss`` are the raw weights'; empty otherwise.
+  ``seg.metrics.METRIC_NAMES`` computed over the pooled validation pixels (``global``;
+  ``train.select_on`` says whether ``val_loss`` or ``dice`` picks ``best_model.pth`` and counts
+  for early stopping), ``mean_dice`` (per-image average), ``lr``, ``seconds`` (the whole
+  epoch, validation and checkpoints included), ``images_per_s`` (training images per second
+  of the training steps, all ranks together), ``train_seconds`` (the training steps),
+  ``data_seconds`` (rank 0's time waiting for the next batch, the data loader's share of
+  ``train_seconds``) and ``skipped_samples`` (bad training and validation samples skipped in
+  the epoch, all ranks; only with ``data.skip_bad_samples``, else a bad sample stops the run).
+  With a weight average (``train.ema_decay``) the metric columns are the average's (they
+  select the model) and ``raw_dice`` / ``raw_mean_dice`` / ``raw_val_loss`` are the raw
+  weights'; empty otherwise.
 - ``stability_warnings``: at the end of a run, a line for each validation curve that fell more
   than ``DROP_WARNING`` below its running best after the warm-up (the warm-up epochs or the
   first 20 % of the epochs, whichever is longer: the first epochs of any run jump about). A

@@ -49,9 +49,11 @@ class Progress:
 
     epoch: int = 0  # the epoch in progress (0-based); == epochs when finished
     step: int = 0  # micro-batches already done in that epoch
-    best_score: float = float("-inf")
+    best_score: float = float("-inf")  # the highest val Dice
     best_epoch: int = -1
-    bad_epochs: int = 0  # epochs since the best val Dice (early stopping)
+    best_loss: float = float("inf")  # the lowest val loss (runs saved before it was kept: inf)
+    best_loss_epoch: int = -1
+    bad_epochs: int = 0  # epochs without an improvement that counts (train.select_on; early stopping)
     loss_sum: float = 0.0  # train loss summed over the done micro-batches of the epoch
     loss_count: int = 0
     seconds: float = 0.0  # time already spent in the epoch
@@ -62,14 +64,20 @@ class Progress:
     preempted: bool = False
 
 
-def after_epoch(progress: Progress, epoch: int, dice: float, epochs: int, early_stopping: int) -> Progress:
-    """Where the run stands after ``epoch`` (0-based) scored validation Dice ``dice``: the best
-    score and epoch, the early-stopping counter, whether the run has finished."""
-    improved = dice > progress.best_score
-    bad = 0 if improved else progress.bad_epochs + 1
+def after_epoch(progress: Progress, epoch: int, dice: float, val_loss: float, epochs: int, early_stopping: int,
+                select_on: str = "dice") -> Progress:
+    """Where the run stands after ``epoch`` (0-based) scored validation Dice ``dice`` and loss
+    ``val_loss``: the best of each and their epochs, the early-stopping counter (epochs without
+    a higher Dice for ``select_on`` 'dice', a lower loss for 'val_loss', either for 'both'),
+    whether the run has finished."""
+    higher, lower = dice > progress.best_score, val_loss < progress.best_loss
+    counts = {"dice": higher, "val_loss": lower, "both": higher or lower}[select_on]
+    bad = 0 if counts else progress.bad_epochs + 1
     stopped_early = early_stopping > 0 and bad >= early_stopping
-    return Progress(epoch=epoch + 1, step=0, best_score=dice if improved else progress.best_score,
-                    best_epoch=epoch + 1 if improved else progress.best_epoch, bad_epochs=bad,
+    return Progress(epoch=epoch + 1, step=0, best_score=dice if higher else progress.best_score,
+                    best_epoch=epoch + 1 if higher else progress.best_epoch,
+                    best_loss=val_loss if lower else progress.best_loss,
+                    best_loss_epoch=epoch + 1 if lower else progress.best_loss_epoch, bad_epochs=bad,
                     finished=stopped_early or epoch + 1 >= epochs, stopped_early=stopped_early)
 
 

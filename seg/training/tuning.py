@@ -29,6 +29,16 @@ Design choices:
   the weights are not touched. ``final_model.pth`` and the periodic checkpoints keep the
   configured threshold: the choice is for the weights it was made on. A hard link that
   ``best_model.pth`` shared with them is replaced by its own file.
+- Two candidates (``train.select_on=both``, the default): ``best_model.pth`` (the epoch with
+  the highest validation Dice in the training loop) and ``best_loss_model.pth`` (the lowest
+  validation loss), when they hold different epochs. Each gets its own choice; the one with the
+  higher per-image mean Dice becomes ``best_model.pth`` (a tie keeps the Dice epoch), with a
+  ``selection`` entry naming both candidates, their epochs and scores. Nothing is written
+  before the end, so a crash while choosing leaves both candidates as they were and the rerun
+  chooses again. Why: the training loop's Dice at 0.5 on images resized to ``data.image_size``
+  levels off early, and its best epoch is then chosen by noise; the loss keeps falling. Neither
+  proxy was right on every kind of image (``seg.training.loop``); the objective this step uses
+  anyway is the one that decides.
 - An error while choosing (an unreadable validation sample, say) does not fail a run whose
   training is done: every rank reports it, rank 0 logs it with the command that makes the
   choice later, and ``best_model.pth`` keeps the configured threshold.
@@ -43,8 +53,7 @@ from pathlib import Path
 
 from seg.checkpoint import load_checkpoint
 from seg.postprocess import PostProcess, image_stats
-
-BEST = "best_model.pth"
+from seg.training.checkpoints import BEST, BEST_LOSS
 
 
 def needs_tuning(run_dir: Path) -> bool:
@@ -76,38 +85,62 @@ def _stats_of_share(cfg, accelerator, path: Path) -> tuple[dict[str, dict], dict
     return stats, predictor.checkpoint
 
 
+def _candidates(run_dir: Path) -> list[Path]:
+    """``best_model.pth``, and ``best_loss_model.pth`` when it holds another epoch (``train.select_on=both``)."""
+    best, loss = run_dir / BEST, run_dir / BEST_LOSS
+    if loss.is_file() and load_checkpoint(loss).get("epoch") != load_checkpoint(best).get("epoch"):
+        return [best, loss]
+    return [best]
+
+
 def tune_best_model(cfg, accelerator, run_dir: Path, log) -> dict | None:
-    """Choose and store the threshold and post-processing of ``run_dir/best_model.pth``.
+    """Choose and store the threshold and post-processing of ``run_dir/best_model.pth``; with a
+    lowest-loss candidate (``best_loss_model.pth``, another epoch), choose for both and make the
+    one with the higher validation Dice ``best_model.pth``.
 
     Every rank must call it. ``log`` is ``print``-like and called on rank 0.
 
     Returns:
-        on rank 0 the choice (``seg.evaluation.tuning.tune_and_save``'s entry); None on other
-        ranks and when nothing was chosen (an error, logged).
+        on rank 0 the choice (``seg.evaluation.tuning.choose_entry``'s entry, of the kept
+        candidate); None on other ranks and when nothing was chosen (an error, logged).
     """
     from accelerate.utils import gather_object
 
-    from seg.evaluation.tuning import tune_and_save
+    from seg.evaluation.tuning import choose_entry, save_tuned
 
-    path = Path(run_dir) / BEST
+    run_dir = Path(run_dir)
+    path = run_dir / BEST
     accelerator.wait_for_everyone()  # rank 0 wrote best_model.pth
-    stats, checkpoint, error = {}, {}, None
-    try:
-        stats, checkpoint = _stats_of_share(cfg, accelerator, path)
-    except Exception as exc:  # noqa: BLE001 - raised on one rank, the others would wait in the gather
-        error = f"rank {accelerator.process_index}: {type(exc).__name__}: {exc}"
-    shares = gather_object([(stats, error)]) if accelerator.num_processes > 1 else [(stats, error)]
+    scored, errors = [], []
+    for candidate in _candidates(run_dir):
+        stats, checkpoint, error = {}, {}, None
+        try:
+            stats, checkpoint = _stats_of_share(cfg, accelerator, candidate)
+        except Exception as exc:  # noqa: BLE001 - raised on one rank, the others would wait in the gather
+            error = f"rank {accelerator.process_index}: {type(exc).__name__}: {exc}"
+        shares = gather_object([(stats, error)]) if accelerator.num_processes > 1 else [(stats, error)]
+        errors += [e for _, e in shares if e]
+        scored.append((candidate, checkpoint, {k: s for share, _ in shares for k, s in share.items()}))
     entry = None
     if accelerator.is_main_process:
-        threshold = float(checkpoint.get("threshold", cfg.train.threshold))
-        errors = [e for _, e in shares if e]
-        merged = {k: s for share, _ in shares for k, s in share.items()}
-        if errors or not merged:
+        threshold = float(scored[0][1].get("threshold", cfg.train.threshold))
+        if errors or not scored[0][2]:
             log(f"{path}: threshold and post-processing not chosen ({'; '.join(errors) or 'no validation images'}); "
                 f"it keeps threshold {threshold:g}. To choose them later, rerun this seg train command, or: "
                 f"seg evaluate --model_path {path} --data_dir {cfg.data.data_dir} --tune_postprocessing")
         else:
-            entry = tune_and_save(merged, checkpoint, threshold, path, chosen_by="seg train")
+            entries = [choose_entry(stats, float(ckpt.get("threshold", threshold))) for _, ckpt, stats in scored]
+            kept = max(range(len(entries)), key=lambda i: (entries[i]["dice"], -i))  # a tie keeps best_model.pth
+            entry = entries[kept]
+            extra = {}
+            if len(scored) > 1:
+                extra["selection"] = {"select_on": cfg.train.select_on, "kept": scored[kept][0].name, "candidates": [
+                    {"file": p.name, "epoch": ckpt.get("epoch"), "dice": e["dice"], "threshold": e["threshold"]}
+                    for (p, ckpt, _), e in zip(scored, entries)]}
+                log("best_model.pth: " + ", ".join(
+                    f"{c['file']} (epoch {c['epoch']}) {c['dice']:.4f}" for c in extra["selection"]["candidates"])
+                    + f" per-image mean Dice on the validation images at full size; kept {scored[kept][0].name}")
+            save_tuned(scored[kept][1], entry, path, "seg train", **extra)
             steps = PostProcess.from_dict(entry["postprocess"]).describe()
             log(f"{path.name}: threshold {entry['threshold']:g}, post-processing {steps}; "
                 f"chosen on {entry['n_images']} validation images at full size (per-image mean Dice "

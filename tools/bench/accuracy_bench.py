@@ -74,7 +74,8 @@ from seg.training.history import largest_drop  # noqa: E402
 # seg train's defaults before the recipe work, as overrides (reachable by config ever since)
 BEFORE = ["train.lr=1e-3", "train.optimizer=adam", "train.weight_decay=1e-5", "train.scheduler=plateau",
           "train.warmup_epochs=0", "train.ema_decay=0", "model.norm=batch", "data.augmentation=standard",
-          "train.dice_reduction=batch", "train.early_stopping=15", "train.tune_postprocessing=false"]
+          "train.dice_reduction=batch", "train.early_stopping=15", "train.tune_postprocessing=false",
+          "train.select_on=dice"]
 SEG_BIN = [sys.executable, "-m", "seg"]
 
 
@@ -210,11 +211,18 @@ def _postprocessed(run_dir: Path, task_dir: Path, log: Path) -> dict:
 
 
 def _train_tuning(run_dir: Path) -> dict | None:
-    """The threshold and post-processing ``seg train`` stored in ``best_model.pth`` (None: none)."""
+    """The threshold and post-processing ``seg train`` stored in ``best_model.pth`` (None: none),
+    with its epoch and, where two epochs were candidates (``train.select_on=both``), the ``selection``."""
     import torch
 
     path = run_dir / "best_model.pth"
-    return torch.load(path, weights_only=True).get("postprocess_tuning") if path.is_file() else None
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, weights_only=True)
+    if "postprocess_tuning" not in ckpt:
+        return None
+    return {**ckpt["postprocess_tuning"], "epoch": ckpt.get("epoch"),
+            **({"selection": ckpt["selection"]} if "selection" in ckpt else {})}
 
 
 def retune(recipe: Recipe, task_dir: Path, run_dir: Path, result: dict) -> dict:
@@ -276,7 +284,13 @@ def _train_choice_cell(r: dict) -> str:
     t = r.get("train_tuning")
     if not t:
         return "-"
-    return _steps(t["threshold"], t["postprocess"]) + (" (chosen by rerunning)" if r.get("retuned") else "")
+    cell = _steps(t["threshold"], t["postprocess"]) + (" (chosen by rerunning)" if r.get("retuned") else "")
+    if "epoch" in t:
+        cell += f"; epoch {t['epoch']}"
+    if "selection" in t:  # two candidates: 'D' the highest val Dice, 'L' the lowest val loss
+        (d, dl), (l_, ll) = [(c["epoch"], c["dice"]) for c in t["selection"]["candidates"]]
+        cell += f" of D{d} {dl:.4f} / L{l_} {ll:.4f}"
+    return cell
 
 
 def markdown(results: list[dict], budget: float, command: str) -> str:
