@@ -27,6 +27,7 @@ import errno
 import importlib
 import multiprocessing
 import os
+import signal
 import sys
 import traceback
 from typing import Callable, NoReturn
@@ -111,7 +112,17 @@ def guard_streams() -> None:
 
 
 def stop_children(timeout: float = 5.0) -> None:
-    """Kill this process's multiprocessing children (DataLoader and pool workers) and reap them."""
+    """Kill this process's multiprocessing children (DataLoader and pool workers) and reap them.
+
+    A DataLoader installs a SIGCHLD handler that raises ``RuntimeError`` in the main thread when
+    one of its workers dies by a signal; the killing below would make it fire inside ``join``
+    and abort the exit (into the interpreter's teardown, which can wait forever on a queue
+    whose reader was killed). The default SIGCHLD disposition is restored first.
+    """
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGCHLD here
+        pass
     children = multiprocessing.active_children()
     for child in children:
         try:
@@ -131,7 +142,10 @@ def exit_now(code: int) -> NoReturn:
     Only for a process's entry point (``python -m seg.<command>``, the ``seg`` script, a
     launcher's worker), never inside a caller's process: see the module docstring.
     """
-    stop_children()
+    try:
+        stop_children()
+    except BaseException:  # noqa: BLE001 - nothing may keep this process from ending
+        traceback.print_exc()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

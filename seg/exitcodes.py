@@ -25,3 +25,8 @@ rerun the same command to continue."""
 TABLE = {OK: "done", FAILED: "error while running", USAGE: "invalid arguments, configuration or data",
          FAILED_INPUTS: "some inputs could not be read (failures.jsonl)",
          PREEMPTED: "preempted: state saved, rerun to resume"}
+
+
+class RunFailed(Exception):
+    """An error found while the job was running (not in its arguments or input checks): the
+    command prints the message and exits with ``FAILED``."""

@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             run_validation(cfg, args.validate_only)
             return exitcodes.OK
         return run_training(cfg, ["seg", "train", *argv])
+    except exitcodes.RunFailed as exc:
+        print(f"seg train: error: {exc}", file=sys.stderr)
+        return exitcodes.FAILED
     except (ValueError, FileNotFoundError) as exc:
         print(f"seg train: error: {exc}", file=sys.stderr)
         return exitcodes.USAGE

@@ -61,3 +61,32 @@ def test_python_dash_m_module_help(name):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
+
+
+EXIT_WITH_WORKERS = """
+import sys, time, torch
+from torch.utils.data import DataLoader, IterableDataset
+from seg.cli import exit_now
+from seg.training.loaders import ignore_preemption_signals
+
+class Endless(IterableDataset):
+    def __iter__(self):
+        while True:
+            time.sleep(0.01)
+            yield torch.zeros(2)
+
+batches = iter(DataLoader(Endless(), batch_size=2, num_workers=2, worker_init_fn=ignore_preemption_signals))
+next(batches)  # two workers running, the DataLoader's SIGCHLD handler installed
+print("workers up", flush=True)
+exit_now(3)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_exit_now_ends_a_process_whose_dataloader_workers_run():
+    """Killing the workers fires the DataLoader's SIGCHLD handler ("worker ... is killed by
+    signal"); it must not abort the exit into the interpreter's teardown (which once hung CI)."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_WORKERS], capture_output=True, text=True, timeout=90)
+    assert "workers up" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "killed by signal" not in proc.stderr, proc.stderr[-2000:]

@@ -44,8 +44,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from seg.config import Config
-from seg.data.shards import (SkipCounter, check_enough_shards, decode_and_transform, load_dataset_info,
-                             read_shards, shard_counts, shard_pipeline, shard_urls)
+from seg.exitcodes import RunFailed
+from seg.data.shards import (ShardReadError, ShardSampleError, SkipCounter, check_enough_shards,
+                             decode_and_transform, load_dataset_info, read_shards, shard_counts, shard_pipeline,
+                             shard_urls)
 from seg.data.transforms import augmentation_seed, build_eval_transform, build_train_transform, channel_stats
 from seg.data.volume_prepare import volume_preprocess
 
@@ -180,6 +182,21 @@ def train_loader(cfg: Config, spec: DataSpec, epoch: int, rank: int, world_size:
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
                       generator=_seeded_generator(t.seed, epoch, rank), worker_init_fn=ignore_preemption_signals,
                       prefetch_factor=4 if d.num_workers > 0 else None)
+
+
+def run_failed(exc: BaseException) -> RunFailed:
+    """An error raised once training runs, as the command reports it (exit code 1, not the 2 of a
+    usage error). A shard or sample error re-raised from a DataLoader worker ("Caught
+    ShardReadError in DataLoader worker process 0. Original Traceback ...") is cut to its own
+    message, which names the shard and the fix; any other error keeps the worker's traceback
+    (it is a bug to report, not a data problem)."""
+    text = str(exc)
+    if not isinstance(exc, (ShardReadError, ShardSampleError)) or "\nOriginal Traceback" not in text:
+        return RunFailed(text)
+    worker = text.split(".", 1)[0].split(" in ", 1)[-1]  # "DataLoader worker process 0"
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    own = text.rsplit(marker, 1)[-1].strip() if marker in text else text
+    return RunFailed(f"{own} (read in {worker})")
 
 
 def _split_samples(reader: int, readers: int):

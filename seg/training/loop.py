@@ -24,18 +24,17 @@ Design choices:
   validation -> lr schedule -> best/periodic/final model checkpoints and plots -> history.csv
   -> ``last/``. A resumed run drops history rows past ``last/``'s epoch, so each epoch appears
   once.
-- Mid-epoch resume regenerates the epoch's data stream (a function of seed, epoch, rank,
-  worker) and skips the batches already done, so a deterministic run resumed at any step ends
-  with the same weights as an uninterrupted one.
-- Start-up overlap: the first epoch's training and validation loaders (their worker
-  processes) start before the model is built, so data loading, albumentations' import in the
-  workers and the first batches run while this process imports and builds; every epoch's
-  validation workers prefetch during the training steps. Once the model is built, this process
-  imports albumentations itself (``loaders.preload_for_workers``), so the workers forked for
-  later epochs inherit it.
+- Mid-epoch resume regenerates the epoch's data stream (a function of seed, epoch, rank, worker)
+  and skips the batches done: a deterministic run resumed at any step ends with the same weights.
+- Start-up overlap: the first epoch's training and validation loaders (their worker processes)
+  start before the model is built, so data loading, albumentations' import in the workers and
+  the first batches run while this process imports and builds; every epoch's validation workers
+  prefetch during the training steps. Once the model is built, this process imports
+  albumentations (``loaders.preload_for_workers``): the workers forked later inherit it.
 - After the last epoch (the run already marked finished in ``last/``), ``seg.training.tuning``
   chooses ``best_model.pth``'s threshold and post-processing on the validation set.
 - Rank 0 writes every shared file; other ranks only join the collectives (gathers, barriers).
+- An error found once the epochs run (a shard broken mid-epoch) exits 1 (``loaders.run_failed``).
 
 The default recipe, and why (``seg.config.training``; measured by
 ``tools/bench/accuracy_bench.py`` on real images: MNI152 grey / white matter, trained on lower
@@ -44,8 +43,8 @@ U-Net width 32 at 128 px, 480 CPU s per run; docs/BENCHMARKS.md has every run an
 
 - Adam at 3e-4 (``train.lr``) with the plateau schedule and BatchNorm. At 1e-3 (the default
   before) the raw weights' validation Dice jumped between epochs on every task (white matter,
-  epochs 7-11: 0.85, 0.28, 0.65, 0.89, 0.46), the plateau schedule seldom lowered the rate
-  because the averaged curve kept creeping up, and runs peaked early and stopped early: nuclei peaked at epoch 12 and
+  epochs 7-11: 0.85, 0.28, 0.65, 0.89, 0.46), the plateau schedule seldom lowered the rate (the
+  averaged curve kept creeping up), and runs peaked and stopped early: nuclei peaked at epoch 12,
   stopped at 27 of 62 with per-image test Dice 0.887 (largest validation drop 0.068); at 3e-4
   the same run trained all 62 epochs and scored 0.923 (drop 0.014). The cost is speed: grey
   matter was still improving after its 34 epochs.
@@ -259,6 +258,8 @@ class Trainer:
                     return state.PREEMPTED_EXIT_CODE
             if self.progress.finished and t.tune_postprocessing:
                 tuning.tune_best_model(self.cfg, a, self.run_dir, self.log)
+        except (ValueError, FileNotFoundError) as exc:  # found while running: a shard that broke mid-epoch
+            raise loaders.run_failed(exc) from exc
         finally:
             flag.restore()
             if a.log_with:

@@ -143,8 +143,11 @@ def run_validation(cfg, model_path: str) -> dict:
     model = prepare_model(accelerator, model, cfg.train.channels_last)
     loader = loaders.val_loader(cfg, spec, accelerator.process_index, accelerator.num_processes)
     loss_fn = build_loss(cfg.train.loss, cfg.train.bce_weight, cfg.train.dice_weight, cfg.train.dice_reduction)
-    report, val_loss, _ = validate(model, loader, loss_fn, accelerator, float(ckpt.get("threshold", 0.5)),
-                                   cfg.train.channels_last, expected=spec.n_val)
+    try:
+        report, val_loss, _ = validate(model, loader, loss_fn, accelerator, float(ckpt.get("threshold", 0.5)),
+                                       cfg.train.channels_last, expected=spec.n_val)
+    except (ValueError, FileNotFoundError) as exc:  # a shard that breaks while read: exit code 1
+        raise loaders.run_failed(exc) from exc
     report = {**report, "val_loss": val_loss, "model_path": str(model_path)}
     if accelerator.is_main_process:
         atomic_write_json(Path(cfg.train.checkpoint_dir) / "validation.json", report)
