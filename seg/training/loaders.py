@@ -44,12 +44,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from seg.config import Config
-from seg.exitcodes import RunFailed
 from seg.data.shards import (ShardReadError, ShardSampleError, SkipCounter, check_enough_shards,
                              decode_and_transform, load_dataset_info, read_shards, shard_counts, shard_pipeline,
                              shard_urls)
 from seg.data.transforms import augmentation_seed, build_eval_transform, build_train_transform, channel_stats
 from seg.data.volume_prepare import volume_preprocess
+from seg.exitcodes import RunFailed
 
 
 class DataSpec:
