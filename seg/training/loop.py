@@ -378,8 +378,7 @@ class Trainer:
             metrics = {**report["global"], "val_loss": val_loss}
             self.folder.end_epoch(a.unwrap_model(kept), row, epoch + 1, metrics,
                                   checkpoint_names(improved, epoch + 1, t.save_every, new.finished, loss_candidate),
-                                  samples,
-                                  self.spec.mean, self.spec.std, t.threshold, new.finished)
+                                  samples, self.spec.mean, self.spec.std, t.threshold, new.finished)
             write_line(history.summary_line(row, t.epochs, improved))
             if new.stopped_early:
                 write_line(f"early stopping: no {SELECTED[t.select_on]} for {new.bad_epochs} epochs "
